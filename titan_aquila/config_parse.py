@@ -53,6 +53,8 @@ class FieldType:
             s = "|".join(c if c else '""' for c in self.choices)
         elif self.base is list:
             s = f"list[{self.item.__name__}]"
+        elif self.base is dict:
+            s = "dict, TOML table only"
         else:
             s = self.base.__name__
         return f"{s} | None" if self.optional else s
@@ -145,7 +147,7 @@ def all_options(root_cls: type) -> dict[str, Option]:
 
 
 # ------------------------------------------------------------------------------------------------ messages
-def _closest(name: str, candidates: list[str]) -> str | None:
+def closest(name: str, candidates: list[str]) -> str | None:
     """The candidate closest to `name` (difflib, case-insensitive), or None if nothing is close."""
     lowered = {c.lower(): c for c in candidates}
     match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
@@ -159,9 +161,9 @@ def unknown_option_message(root_cls: type, key: str, where: str, prefix: str = "
     section, _, name = key.rpartition(".")
     guess = None
     if section in secs:
-        close = _closest(name, list(secs[section].options))
+        close = closest(name, list(secs[section].options))
         guess = f"{section}.{close}" if close else None
-    guess = guess or next((k for k in keys if k.rpartition(".")[2] == name), None) or _closest(key, keys)
+    guess = guess or next((k for k in keys if k.rpartition(".")[2] == name), None) or closest(key, keys)
     hint = f"; did you mean '{prefix}{guess}'?" if guess else "; see --help for the valid options"
     return f"unknown option '{prefix}{key}' {where}{hint}"
 
@@ -177,7 +179,7 @@ def check_choice(opt: Option, value: Any) -> str | None:
     choices = opt.type.choices
     if choices is None or value in choices or (value is None and opt.type.optional):
         return None
-    close = _closest(str(value), list(choices))
+    close = closest(str(value), list(choices))
     hint = f"; did you mean '{close}'?" if close is not None else ""
     return invalid_value_message(opt.key, value, "one of " + ", ".join(map(repr, choices))) + hint
 
@@ -251,7 +253,7 @@ def apply_tables(cfg: Any, data: dict[str, Any], where: str, strict: bool = True
                 continue
             if not isinstance(table, dict):  # a bare `key = value` before any [section]
                 raise UserError(unknown_option_message(root_cls, sec_name, where))
-            close = _closest(sec_name, list(secs))
+            close = closest(sec_name, list(secs))
             hint = f"; did you mean '[{close}]'?" if close else f"; valid sections: {', '.join(secs)}"
             raise UserError(f"unknown section '[{sec_name}]' {where}{hint}")
         if not isinstance(table, dict):

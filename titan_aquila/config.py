@@ -1,0 +1,424 @@
+"""JobConfig: every option of a training job, one dataclass per section; defaults < TOML < command line.
+
+Section and option names follow torchtitan v0.2.2 (`config/job_config.py`) where it has them. The string
+under each field is its `--help` text. The mechanism (types, TOML/CLI merging, help) is in config_parse.py.
+
+    cfg = load_job_config(["--job.config_file", "train_configs/debug_model.toml", "--training.steps", "20"])
+    python -m titan_aquila.config --help          # every option with its type, default and meaning
+    python -m titan_aquila.config [options]       # print the resolved config as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from titan_aquila import config_parse as cp
+from titan_aquila.errors import UserError, exit_on_user_error
+
+
+@dataclass
+class Job:
+    """Where the job reads its config and writes its outputs."""
+
+    config_file: str | None = None
+    """TOML file to load; its values override the defaults and command-line options override it."""
+    dump_folder: str = "./outputs"
+    """Root folder for everything the job writes (checkpoints, TensorBoard logs)."""
+    description: str = ""
+    """Free-text description of the job, saved with the config."""
+    print_config: bool = False
+    """Log the fully resolved config at startup."""
+
+
+@dataclass
+class Model:
+    """Which model to build."""
+
+    name: str = "aquila"
+    """Model family to build."""
+    flavor: str = "debugmodel"
+    """Named size preset of the model family (e.g. debugmodel, smollm2_135m, aquila3_7b)."""
+    tokenizer_path: str = "assets/tokenizer/smollm2.tiktoken"
+    """Path to the tiktoken tokenizer file."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelArgs fields to override on the flavor, e.g. `[model.overrides]` `n_layers = 4`; TOML only, checked
+    by the model code."""
+
+
+@dataclass
+class Training:
+    """Batch, sequence, steps, precision and data."""
+
+    local_batch_size: int = 8
+    """Sequences per data-parallel rank in one micro-batch."""
+    global_batch_size: int = -1
+    """Sequences per optimizer step over all ranks; -1 = local_batch_size × data-parallel degree; a larger
+    multiple of that means gradient accumulation."""
+    seq_len: int = 2048
+    """Tokens per training sequence."""
+    max_norm: float = 1.0
+    """Clip the total gradient norm to this value (inf disables clipping)."""
+    steps: int = 10000
+    """Number of optimizer steps to train for."""
+    seed: int = 42
+    """Random seed for model initialisation and data order."""
+    deterministic: bool = False
+    """Use deterministic algorithms (torch.use_deterministic_algorithms); slower."""
+    dataset_path: list[str] = field(default_factory=list)
+    """Training text files or folders; empty = the shipped text fixture."""
+    mixed_precision_param: Literal["float32", "bfloat16"] = "float32"
+    """dtype FSDP2 casts parameters to for compute (MixedPrecisionPolicy.param_dtype)."""
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
+    """dtype of FSDP2's gradient reduce-scatter (MixedPrecisionPolicy.reduce_dtype)."""
+    autocast_dtype: Literal["", "bfloat16"] = ""
+    """torch.autocast dtype for forward and loss where FSDP mixed precision does not apply; empty = off."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """When the loss or gradient norm is NaN/Inf: 'stop' the job with an error, or 'skip' the optimizer step."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the training process)."""
+
+
+@dataclass
+class Optimizer:
+    """AdamW settings."""
+
+    name: Literal["AdamW"] = "AdamW"
+    """Optimizer; only AdamW is supported."""
+    lr: float = 8e-4
+    """Peak learning rate."""
+    eps: float = 1e-8
+    """Adam epsilon added to the denominator."""
+    beta1: float = 0.9
+    """Adam β1, decay of the first-moment estimate."""
+    beta2: float = 0.95
+    """Adam β2, decay of the second-moment estimate."""
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay."""
+    implementation: Literal["foreach", "fused", "for-loop"] = "foreach"
+    """AdamW kernel: 'foreach' (multi-tensor), 'fused' (one fused kernel) or 'for-loop' (per parameter)."""
+
+
+@dataclass
+class LRScheduler:
+    """Learning-rate schedule: linear warmup, then optional stable phase, then decay to a floor."""
+
+    warmup_steps: int = 200
+    """Steps of linear warmup up to optimizer.lr."""
+    decay_ratio: float | None = None
+    """None = decay over all steps after warmup; a value in (0, 1] = warmup-stable-decay (WSD): hold lr, then
+    decay over the last decay_ratio × training.steps steps."""
+    decay_type: Literal["linear", "sqrt", "cosine"] = "linear"
+    """Shape of the decay from lr down to the floor."""
+    min_lr_factor: float = 0.0
+    """Learning-rate floor at the end of decay, as a fraction of optimizer.lr."""
+
+
+@dataclass
+class Validation:
+    """Held-out loss evaluation during training."""
+
+    enable: bool = False
+    """Evaluate the loss on validation data during training."""
+    freq: int = 500
+    """Validate every this many steps."""
+    steps: int = -1
+    """Validation batches per evaluation; -1 = the whole validation set."""
+    dataset_path: list[str] = field(default_factory=list)
+    """Validation text files or folders; empty = the shipped held-out fixture."""
+    local_batch_size: int = -1
+    """Validation sequences per rank per batch; -1 = training.local_batch_size."""
+
+
+@dataclass
+class Parallelism:
+    """Device-mesh degrees and distributed options."""
+
+    data_parallel_replicate_degree: int = 1
+    """Replicas in the data-parallel replicate dimension (DDP, or HSDP together with sharding)."""
+    data_parallel_shard_degree: int = -1
+    """FSDP2 shard degree; -1 = all ranks left over by the other degrees."""
+    tensor_parallel_degree: int = 1
+    """Tensor-parallel degree (1 = off)."""
+    expert_parallel_degree: int = 1
+    """Expert-parallel degree of MoE layers: experts are split over this many ranks (1 = off)."""
+    enable_sequence_parallel: bool = True
+    """With tensor parallelism, shard norm inputs and residual activations along the sequence."""
+    enable_loss_parallel: bool = False
+    """With tensor parallelism, compute cross-entropy on vocab-sharded logits without gathering them."""
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    """Free all-gathered FSDP parameters after forward: 'always', 'never' (faster, more memory), or 'default'
+    (the parallelize code's choice)."""
+
+
+@dataclass
+class Checkpoint:
+    """Distributed checkpoints: periodic saves, resume, and the initial load."""
+
+    enable: bool = False
+    """Save checkpoints during training and resume from the latest one in folder."""
+    folder: str = "checkpoint"
+    """Checkpoint folder, relative to job.dump_folder."""
+    interval: int = 500
+    """Save a checkpoint every this many steps."""
+    initial_load_path: str | None = None
+    """Checkpoint to start from when folder holds none (e.g. a previous stage or an imported model)."""
+    initial_load_model_only: bool = True
+    """Load only model weights from initial_load_path (no optimizer, scheduler or data state)."""
+    keep_latest_k: int = 2
+    """Keep only the latest k checkpoints; 0 = keep all."""
+    last_save_model_only: bool = False
+    """Save the final checkpoint as model weights only (smaller, for export or the next stage)."""
+    export_dtype: Literal["float16", "bfloat16", "float32"] = "float32"
+    """dtype of the weights in a model-only final checkpoint."""
+    async_mode: Literal["disabled", "async"] = "disabled"
+    """'async' writes checkpoints in the background while training continues."""
+
+
+@dataclass
+class Metrics:
+    """Console and TensorBoard logging."""
+
+    log_freq: int = 10
+    """Log metrics every this many steps."""
+    enable_tensorboard: bool = True
+    """Write TensorBoard event files."""
+    save_tb_folder: str = "tb"
+    """TensorBoard folder, relative to job.dump_folder."""
+    disable_color_printing: bool = False
+    """Print console metrics without ANSI colours."""
+
+
+@dataclass
+class Compile:
+    """torch.compile."""
+
+    enable: bool = False
+    """Apply torch.compile to the components listed in components."""
+    backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend."""
+    components: list[str] = field(default_factory=lambda: ["model"])
+    """What to compile: 'model' (each transformer block) and/or 'loss'."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    """Activation checkpointing (recompute activations in backward to save memory)."""
+
+    mode: Literal["none", "full", "selective"] = "none"
+    """'none', 'full' (every block) or 'selective' (see selective_ac_option)."""
+    selective_ac_option: str = "2"
+    """For selective mode: an integer n (as a string) checkpoints every n-th block; 'op' checkpoints per op."""
+
+
+@dataclass
+class Float8:
+    """Float8 training of Linear layers with torchao."""
+
+    enable: bool = False
+    """Swap Linear layers for torchao Float8Linear."""
+    recipe_name: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """torchao float8 scaling recipe."""
+    filter_fqns: list[str] = field(default_factory=lambda: ["output"])
+    """Linear layers whose fully-qualified name contains any of these stay in high precision."""
+    enable_fsdp_float8_all_gather: bool = False
+    """All-gather FSDP parameters in float8 (tensorwise recipe only)."""
+    emulate: bool = False
+    """Use torchao's float8 emulation instead of float8 kernels (for testing; forced on CPU)."""
+
+
+@dataclass
+class MoE:
+    """Mixture-of-experts training losses and load balancing."""
+
+    load_balance_coeff: float = 1e-3
+    """Weight of the load-balancing auxiliary loss (0 = off)."""
+    z_loss_coeff: float = 1e-2
+    """Weight of the z-loss (0 = off)."""
+    z_loss_type: Literal["router_lse", "router_max", "output_max"] = "router_lse"
+    """'router_lse' = mean(logsumexp(router logits)²) (ST-MoE/Megatron), 'router_max' = mean(max router
+    logit²), 'output_max' = mean(max LM-head logit²) (Baichuan 2)."""
+    bias_update_rate: float = 0.0
+    """Step γ of DeepSeek-V3 aux-loss-free balancing: after each step every expert's routing bias moves ±γ
+    towards balance; 0 = off."""
+
+
+@dataclass
+class Growth:
+    """Grow a pretrained source checkpoint into the target model at initial load."""
+
+    enable: bool = False
+    """Build the model by growing the source checkpoint with growth.methods instead of a plain load."""
+    source_path: str | None = None
+    """Checkpoint folder of the source model (its saved model args give the source shape)."""
+    methods: list[str] = field(default_factory=list)
+    """Growth transforms applied in order, by name: fpi, aki, exact (width); stack, interpolate, zero (depth);
+    aki_pro (AKI width + interpolated depth); upcycle (dense -> MoE). E.g. aki_pro,upcycle."""
+    noise_std: float = 0.0
+    """Std of Gaussian noise added to grown weights to break symmetry (0 = none)."""
+    seed: int = 0
+    """Random seed of the growth transforms (noise, router init, dropped indices)."""
+    router_init_std: float = 0.02
+    """Std of the normal init of new MoE router weights."""
+    drop_ratio: float = 0.0
+    """Drop-Upcycling: fraction of each expert's FFN neurons re-initialised (0 = plain upcycling)."""
+    drop_index_sets: Literal["shared", "per_matrix"] = "shared"
+    """Drop-Upcycling: one set of dropped neuron indices shared by an expert's gate/up/down ('shared') or
+    drawn independently per matrix ('per_matrix')."""
+    granularity: int = 1
+    """Fine-grained upcycling: split each dense FFN into this many expert shards (G)."""
+    audit: bool = True
+    """Before training, evaluate source and grown model on validation data and log the loss difference."""
+    audit_steps: int = 4
+    """Validation batches used by the growth audit."""
+
+
+@dataclass
+class JobConfig:
+    """All options of a job. Build with `load_job_config`; `validate()` checks cross-field rules."""
+
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    validation: Validation = field(default_factory=Validation)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    compile: Compile = field(default_factory=Compile)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    float8: Float8 = field(default_factory=Float8)
+    moe: MoE = field(default_factory=MoE)
+    growth: Growth = field(default_factory=Growth)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """`{section: {key: value}}`, JSON-serialisable; saved into checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], strict: bool = True) -> JobConfig:
+        """Inverse of `to_dict`; missing keys keep defaults, unknown keys are a `UserError` (skipped if not
+        `strict`, e.g. for a config saved by an older version). Does not call `validate()`."""
+        cfg = cls()
+        cp.apply_tables(cfg, d, "in the config dict", strict=strict)
+        return cfg
+
+    def validate(self) -> None:
+        """Raise one `UserError` listing every violated rule (types, allowed values, ranges, combinations)."""
+        errors: list[str] = []
+        for key, opt in cp.all_options(type(self)).items():
+            value = getattr(getattr(self, opt.section), opt.name)
+            try:
+                cp.from_value(opt, value, "")
+            except UserError as e:
+                errors.append(str(e))
+                continue
+            if (msg := cp.check_choice(opt, value)) is not None:
+                errors.append(msg)
+        if errors:  # range checks below assume the types are right
+            raise UserError("; ".join(errors))
+
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                section, _, name = key.partition(".")
+                errors.append(f"{key} must be {rule}, got {getattr(getattr(self, section), name)!r}")
+
+        t, o, s, v, p = self.training, self.optimizer, self.lr_scheduler, self.validation, self.parallelism
+        ck, ac, g = self.checkpoint, self.activation_checkpoint, self.growth
+        need(bool(self.job.dump_folder), "job.dump_folder", "a non-empty path")
+        need(bool(self.model.name), "model.name", "non-empty")
+        need(bool(self.model.flavor), "model.flavor", "non-empty")
+        need(t.local_batch_size >= 1, "training.local_batch_size", ">= 1")
+        need(t.global_batch_size == -1 or t.global_batch_size >= 1, "training.global_batch_size", "-1 or >= 1")
+        if t.global_batch_size >= 1 and t.local_batch_size >= 1:
+            need(t.global_batch_size % t.local_batch_size == 0, "training.global_batch_size",
+                 f"a multiple of training.local_batch_size ({t.local_batch_size})")
+        need(t.seq_len >= 1, "training.seq_len", ">= 1")
+        need(t.max_norm > 0, "training.max_norm", "> 0 (inf disables clipping)")
+        need(t.steps >= 1, "training.steps", ">= 1")
+        need(t.seed >= 0, "training.seed", ">= 0")
+        need(t.num_workers >= 0, "training.num_workers", ">= 0")
+        need(o.lr >= 0 and math.isfinite(o.lr), "optimizer.lr", "finite and >= 0")
+        need(o.eps > 0, "optimizer.eps", "> 0")
+        need(0 <= o.beta1 < 1, "optimizer.beta1", "in [0, 1)")
+        need(0 <= o.beta2 < 1, "optimizer.beta2", "in [0, 1)")
+        need(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
+        need(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", ">= 0")
+        need(s.decay_ratio is None or 0 < s.decay_ratio <= 1, "lr_scheduler.decay_ratio", "none or in (0, 1]")
+        need(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", "in [0, 1]")
+        need(v.freq >= 1, "validation.freq", ">= 1")
+        need(v.steps == -1 or v.steps >= 1, "validation.steps", "-1 or >= 1")
+        need(v.local_batch_size == -1 or v.local_batch_size >= 1, "validation.local_batch_size", "-1 or >= 1")
+        for name in ("data_parallel_replicate_degree", "tensor_parallel_degree", "expert_parallel_degree"):
+            need(getattr(p, name) >= 1, f"parallelism.{name}", ">= 1")
+        need(p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
+             "parallelism.data_parallel_shard_degree", "-1 or >= 1")
+        need(bool(ck.folder), "checkpoint.folder", "a non-empty path")
+        need(ck.interval >= 1, "checkpoint.interval", ">= 1")
+        need(ck.keep_latest_k >= 0, "checkpoint.keep_latest_k", ">= 0")
+        need(self.metrics.log_freq >= 1, "metrics.log_freq", ">= 1")
+        for comp in self.compile.components:
+            if comp not in ("model", "loss"):
+                close = cp.closest(comp, ["model", "loss"])
+                hint = f"; did you mean '{close}'?" if close else ""
+                errors.append(f"invalid value {comp!r} in 'compile.components': expected 'model' or 'loss'{hint}")
+        sac = ac.selective_ac_option
+        need(sac == "op" or (sac.isdigit() and int(sac) >= 1), "activation_checkpoint.selective_ac_option", "'op' or a positive integer such as '2'")
+        f8 = self.float8
+        need(not f8.enable_fsdp_float8_all_gather or f8.recipe_name == "tensorwise",
+             "float8.enable_fsdp_float8_all_gather", "false unless float8.recipe_name is 'tensorwise'")
+        for name in ("load_balance_coeff", "z_loss_coeff", "bias_update_rate"):
+            need(getattr(self.moe, name) >= 0, f"moe.{name}", ">= 0")
+        need(not g.enable or bool(g.source_path), "growth.source_path", "set when growth.enable is true")
+        need(not g.enable or bool(g.methods), "growth.methods", "non-empty when growth.enable is true")
+        need(g.noise_std >= 0, "growth.noise_std", ">= 0")
+        need(g.seed >= 0, "growth.seed", ">= 0")
+        need(g.router_init_std >= 0, "growth.router_init_std", ">= 0")
+        need(0 <= g.drop_ratio <= 1, "growth.drop_ratio", "in [0, 1]")
+        need(g.granularity >= 1, "growth.granularity", ">= 1")
+        need(g.audit_steps >= 1, "growth.audit_steps", ">= 1")
+        if errors:
+            raise UserError("; ".join(errors))
+
+
+def help_text(prog: str | None = None) -> str:
+    """The `--help` text: usage, rules, and every option as `--section.key (type, default D): doc`."""
+    return cp.format_help(JobConfig, prog or Path(sys.argv[0]).name or "train.py")
+
+
+def print_help(prog: str | None = None, file=None) -> None:
+    print(help_text(prog), end="", file=file or sys.stdout, flush=True)
+
+
+def load_job_config(argv: list[str] | None = None, prog: str | None = None) -> JobConfig:
+    """Defaults, then `--job.config_file` TOML, then command-line overrides; validated.
+    `argv` defaults to `sys.argv[1:]`. `-h`/`--help` prints the help and raises `SystemExit(0)`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(prog)
+        raise SystemExit(0)
+    overrides = cp.parse_cli(JobConfig, argv)  # parse first: a CLI mistake is reported before file errors
+    cfg = JobConfig()
+    config_file = [v for o, v in overrides if o.key == "job.config_file"]
+    if config_file and config_file[-1] is not None:
+        cp.apply_tables(cfg, cp.load_toml(config_file[-1]), f"in {config_file[-1]}")
+    for opt, value in overrides:
+        setattr(getattr(cfg, opt.section), opt.name, value)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m titan_aquila.config [options]`: print the resolved config as JSON (or `--help`)."""
+    with exit_on_user_error():
+        cfg = load_job_config(argv, prog="python -m titan_aquila.config")
+        print(json.dumps(cfg.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
