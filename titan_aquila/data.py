@@ -20,6 +20,7 @@ a restored loader yields exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titan_aquila.errors import UserError
+
+# torchdata 0.11 calls a deprecated torch API on every iterator; the warning says nothing to our users.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "text"
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -94,12 +98,14 @@ class PackedWindows(IterableDataset):
     """(inputs [T], labels [T]) windows of one data-parallel rank; see the module docstring for the math."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, dp_rank: int, dp_degree: int, *,
-                 infinite: bool = True, shuffle: bool = True, seed: int = 0, source: str = "data"):
+                 infinite: bool = True, shuffle: bool = True, seed: int = 0, source: str = "data",
+                 restart: bool = False):
         if seq_len < 1:
             raise UserError(f"seq_len must be >= 1, got {seq_len}")
         self.tokens, self.seq_len = tokens, seq_len
         self.dp_rank, self.dp_degree = dp_rank, dp_degree
         self.infinite, self.shuffle, self.seed = infinite, shuffle, seed
+        self.restart = restart  # every iteration starts from the first window (validation passes)
         self.n_windows = max(len(tokens) - 1, 0) // seq_len
         self.per_rank = self.n_windows // dp_degree
         if self.per_rank == 0:
@@ -119,6 +125,8 @@ class PackedWindows(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         T = self.seq_len
+        if self.restart:
+            self.epoch, self.pos = 0, 0
         while True:
             ids = self.rank_windows(self.epoch)[worker::n_workers].tolist()
             while self.pos < len(ids):
@@ -139,12 +147,12 @@ class PackedWindows(IterableDataset):
 
 def build_dataloader(paths: list[str] | str | None, tokenizer, seq_len: int, local_batch_size: int, dp_rank: int,
                      dp_degree: int, *, num_workers: int = 0, infinite: bool = True, shuffle: bool = True,
-                     seed: int = 0) -> StatefulDataLoader:
+                     seed: int = 0, restart: bool = False) -> StatefulDataLoader:
     """Training batches `(inputs [B, T], labels [B, T])` of this rank; `paths` empty/None = the shipped fixture."""
     paths = paths or default_train_paths()
     tokens = tokenize_documents(paths, tokenizer)
     dataset = PackedWindows(tokens, seq_len, dp_rank, dp_degree, infinite=infinite, shuffle=shuffle, seed=seed,
-                            source=", ".join(map(str, paths)))
+                            source=", ".join(map(str, paths)), restart=restart)
     return StatefulDataLoader(dataset, batch_size=local_batch_size, num_workers=num_workers,
                               drop_last=infinite)
 
@@ -153,4 +161,4 @@ def build_validation_dataloader(paths: list[str] | str | None, tokenizer, seq_le
                                 dp_rank: int, dp_degree: int) -> StatefulDataLoader:
     """One ordered pass over the held-out text (`paths` empty/None = the shipped validation fixture)."""
     return build_dataloader(paths or default_validation_paths(), tokenizer, seq_len, local_batch_size, dp_rank,
-                            dp_degree, infinite=False, shuffle=False)
+                            dp_degree, infinite=False, shuffle=False, restart=True)

@@ -1,0 +1,110 @@
+"""Console lines, TensorBoard scalars, throughput and MFU.
+
+    tokens/s = global tokens per step / step time
+    MFU      = tokens/s * flops_per_token / (peak FLOP/s per device * devices)
+
+Peak on CUDA comes from the device's spec sheet (dense bf16); on CPU it is measured once at start-up as the best of
+a few large GEMMs in the training dtype, and printed, so MFU on CPU reads "fraction of what this box's GEMM does".
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
+CUDA_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                  "B200": 2250e12}
+
+
+def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 5) -> float:
+    """Best-of-`iters` FLOP/s of an n x n x n matmul on this process's threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up the kernel choice
+    best = float("inf")
+    for _ in range(iters):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in CUDA_PEAK_BF16.items():
+            if key in name:
+                return (peak if dtype != torch.float32 else peak / 2), f"{name} spec"
+        return 0.0, f"{name} (unknown peak: MFU not reported)"
+    return measure_cpu_peak_flops(dtype), f"measured {dtype} GEMM on {torch.get_num_threads()} thread(s)"
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Rank 0 prints and writes TensorBoard; every rank can call it (others are no-ops)."""
+
+    def __init__(self, cfg, rank: int, flops_per_token: int, peak_flops: float, n_devices: int):
+        self.rank, self.log_freq = rank, cfg.metrics.log_freq
+        self.flops_per_token, self.peak, self.n_devices = flops_per_token, peak_flops, n_devices
+        self.writer = None
+        if rank == 0 and cfg.metrics.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = Path(cfg.job.dump_folder) / cfg.metrics.save_tb_folder
+            folder.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(folder))
+        self._t = time.perf_counter()
+        self._tokens = 0
+
+    def should_log(self, step: int) -> bool:
+        return step == 1 or step % self.log_freq == 0
+
+    def add_tokens(self, n: int) -> None:
+        self._tokens += n
+
+    def log_step(self, step: int, scalars: dict[str, float], expert_fracs: dict[int, list[float]], device) -> None:
+        dt = time.perf_counter() - self._t
+        tps = self._tokens / dt if dt > 0 else 0.0
+        self._t, self._tokens = time.perf_counter(), 0
+        mfu = 100 * tps * self.flops_per_token / (self.peak * self.n_devices) if self.peak > 0 else float("nan")
+        scalars = {**scalars, "throughput/tokens_per_s": tps, "throughput/mfu_pct": mfu,
+                   "memory/max_gib": memory_gib(device)}
+        if self.rank != 0:
+            return
+        parts = [f"step {step:5d}", f"loss {scalars['loss/ce']:.4f}"]
+        if "loss/load_balance" in scalars:
+            parts += [f"lb {scalars['loss/load_balance']:.4f}", f"z {scalars['loss/router_z']:.4f}"]
+        parts += [f"lr {scalars['lr']:.2e}", f"gnorm {scalars['grad_norm']:.3f}", f"tok/s {tps:,.0f}",
+                  f"mfu {mfu:.2f}%", f"mem {scalars['memory/max_gib']:.2f}GiB"]
+        print("  ".join(parts), flush=True)
+        self.write(step, scalars)
+        for layer, fracs in expert_fracs.items():
+            self.write(step, {f"moe/layer{layer}/expert{e}_frac": f for e, f in enumerate(fracs)})
+
+    def log_validation(self, step: int, loss: float, n_tokens: int) -> None:
+        if self.rank == 0:
+            print(f"step {step:5d}  validation loss {loss:.4f}  ({n_tokens:,} tokens)", flush=True)
+            self.write(step, {"validation/loss": loss})
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def rank0_print(*args) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)

@@ -1,0 +1,71 @@
+"""AdamW with decoupled weight decay on matrices only, and the warmup -> (stable) -> decay LR schedule.
+
+LR multiplier at optimizer step s (1-based, the step about to be taken), warmup W, total S, decay steps D:
+
+    warmup   s <= W:           (s / (W + 1))                        never 0, so step 1 already learns
+    stable   W < s <= S - D:   1                                    (WSD; D = S - W when decay_ratio is unset)
+    decay    progress p = (s - (S - D)) / D in (0, 1]:
+             linear  1 - p      sqrt  1 - sqrt(p)      cosine  (1 + cos(pi p)) / 2
+    floor    m + (1 - m) * decay,   m = lr_scheduler.min_lr_factor
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from titan_aquila.errors import UserError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on >= 2-D weights (matrices, stacked experts, embeddings); none on norms and biases, whose
+    scale carries meaning (decaying an RMSNorm gain toward 0 shrinks the layer's output)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name != "AdamW":
+        raise UserError(f"optimizer.name must be 'AdamW', got {o.name!r}")
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[o.implementation]
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             **impl)
+
+
+def lr_multiplier(step: int, warmup: int, total: int, decay_ratio: float | None, decay_type: str,
+                  min_lr_factor: float) -> float:
+    """The schedule of the module docstring; `step` counts from 1."""
+    warmup = min(warmup, total)
+    if step <= warmup:
+        return step / (warmup + 1)
+    decay_steps = total - warmup if decay_ratio is None else max(round(total * decay_ratio), 1)
+    decay_start = total - decay_steps
+    if step <= decay_start or decay_steps <= 0:
+        return 1.0
+    p = min((step - decay_start) / decay_steps, 1.0)
+    if decay_type == "linear":
+        decay = 1.0 - p
+    elif decay_type == "sqrt":
+        decay = 1.0 - math.sqrt(p)
+    elif decay_type == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * p))
+    else:
+        raise UserError(f"lr_scheduler.decay_type must be linear, sqrt or cosine, got {decay_type!r}")
+    return min_lr_factor + (1.0 - min_lr_factor) * decay
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR calls the lambda with the number of steps taken so far (0 before the first step)."""
+    s = cfg.lr_scheduler
+    total = cfg.training.steps
+
+    def fn(steps_done: int) -> float:
+        return lr_multiplier(steps_done + 1, s.warmup_steps, total, s.decay_ratio, s.decay_type, s.min_lr_factor)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,59 @@
+"""Process-group start-up and the gloo-safe exit.
+
+gloo can abort at interpreter shutdown (`terminate called without an active exception`) when a worker thread
+frees tensors late (open upstream bug; cpu-facts trap 1). Every distributed entry point therefore ends with
+`finish(code)`: barrier, destroy the group, flush, and `os._exit` before the interpreter tears anything down.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) for a plain `python` run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def set_per_rank_inductor_cache() -> None:
+    """Give each rank its own inductor cache (cpu-facts trap 2: compiled TP kernels hold rank-specific offsets but
+    the cache key has no rank). Must run before torch is imported."""
+    rank = int(os.environ.get("RANK", 0))
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        base = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"torchinductor_{os.getuid()}_titan_aquila")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"rank{rank}")
+
+
+def init_distributed():
+    """Init the default process group when launched with WORLD_SIZE > 1; returns the device to train on."""
+    import torch
+    import torch.distributed as dist
+
+    rank, local_rank, world = world_info()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+    return device
+
+
+def finish(code: int = 0) -> None:
+    """Exit the process with `code` without letting gloo's threads crash the interpreter's shutdown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: still exit with our own code
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
