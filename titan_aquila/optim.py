@@ -15,18 +15,26 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from titan_aquila.errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on >= 2-D weights (matrices, stacked experts, embeddings); none on norms and biases, whose
-    scale carries meaning (decaying an RMSNorm gain toward 0 shrinks the layer's output)."""
-    decay, no_decay = [], []
+    scale carries meaning (decaying an RMSNorm gain toward 0 shrinks the layer's output).
+
+    Parameters are also grouped by tensor type and mesh: under TP some are DTensors and some (replicated ones) are
+    not, and the foreach kernels cannot mix the two in one call."""
+    groups: dict[tuple, dict] = {}
     for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        mesh = (p.device_mesh, p.placements) if isinstance(p, DTensor) else None
+        decay = p.ndim >= 2
+        key = (not decay, str(mesh))
+        groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decay else 0.0})["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

@@ -14,10 +14,24 @@ def _distributed() -> bool:
 
 def full_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` (inf = no clipping) and return the global L2 norm of all gradients as a plain tensor.
-    With FSDP2/TP the gradients are DTensors and `clip_grad_norm_` reduces across their meshes."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    Gradients may live on different meshes (FSDP2 x TP DTensors, FSDP-only DTensors for parameters TP replicates,
+    plain tensors): the squared norm of each group is reduced over its own mesh, and the groups are summed."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    coef = max_norm / (total.item() + 1e-6)  # a Python float multiplies plain tensors and DTensors alike
+    if coef < 1.0:
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return total
 
 
 def reduce_mean(x: torch.Tensor, group=None) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""Tensor + sequence parallelism with `parallelize_module` (Megatron layout).
+
+Per block, for TP degree t (heads, KV heads and FFN units split t ways; GQA stays correct because query head group
+g and KV head g land on the same rank when t divides both H and G):
+
+    attention_norm, ffn_norm    SequenceParallel        activations sharded on the sequence dim between blocks
+    attention, feed_forward     PrepareModuleInput      all-gather the sequence: Shard(1) -> Replicate
+    wq, wk, wv, w1, w3          ColwiseParallel         output features (heads / FFN units) split; q/k/v bias too
+    wo, w2                      RowwiseParallel         reduce-scatter back to Shard(1)
+    moe (router + experts)      replicated across TP    input gathered, output re-sharded on the sequence dim
+                                                        (expert parallelism, not TP, is how experts are split)
+
+Root: token embedding RowwiseParallel (vocab rows split, output Shard(1)); final norm SequenceParallel; output layer
+ColwiseParallel gathering the logits (Replicate). With tied embeddings the table is used twice with different
+layouts, so it stays replicated (the tied models here are small). Without sequence parallelism the same plan runs
+with replicated activations.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+from titan_aquila.errors import UserError
+from titan_aquila.metrics import rank0_print
+
+
+def validate_tp(args, tp: int, seq_len: int, sequence_parallel: bool) -> None:
+    for name, value in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("ffn_dim", args.ffn_dim)):
+        if value % tp:
+            raise UserError(f"tensor_parallel_degree {tp} does not divide model.{name} ({value})")
+    if sequence_parallel and seq_len % tp:
+        raise UserError(f"tensor_parallel_degree {tp} does not divide training.seq_len ({seq_len}) "
+                        f"(sequence parallelism splits the sequence)")
+
+
+def apply_tp(model: nn.Module, tp_mesh, cfg) -> None:
+    args, tp = model.args, tp_mesh.size()
+    sp = cfg.parallelism.enable_sequence_parallel
+    if cfg.parallelism.enable_loss_parallel:
+        raise UserError("parallelism.enable_loss_parallel is not supported: logits are gathered before the loss")
+    validate_tp(args, tp, cfg.training.seq_len, sp)
+    seq = Shard(1) if sp else Replicate()
+
+    if not args.tie_embeddings:
+        root = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+                "output": ColwiseParallel(input_layouts=seq, output_layouts=Replicate(), use_local_output=True)}
+        if sp:
+            root["norm"] = SequenceParallel()
+    elif sp:
+        # Replicated tied table: cut its output on the sequence dim for the blocks, gather it back before the
+        # final norm and the tied output matmul.
+        root = {"tok_embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                                      use_local_output=True),
+                "norm": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                           use_local_output=True)}
+    else:
+        root = {}
+    if root:
+        parallelize_module(model, tp_mesh, root)
+
+    for block in model.layers.values():
+        plan = {
+            "attention": PrepareModuleInput(input_layouts=(seq, None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
+        }
+        if sp:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        if hasattr(block, "moe"):
+            plan["moe"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
+                                             use_local_output=True)
+            if sp:
+                parallelize_module(block, tp_mesh, {"moe": PrepareModuleOutput(
+                    output_layouts=(Replicate(), Replicate()), desired_output_layouts=(Shard(1), Replicate()),
+                    use_local_output=True)})
+        else:
+            plan.update({
+                "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+            })
+        parallelize_module(block, tp_mesh, plan)
+    rank0_print(f"[parallelize] tensor parallel over {tp} ranks"
+                f"{' with sequence parallelism' if sp else ''}; heads {args.n_heads}/{tp}, kv heads "
+                f"{args.n_kv_heads}/{tp}, ffn {args.ffn_dim}/{tp}"
+                f"{'; tied embedding table replicated' if args.tie_embeddings else ''}")
