@@ -86,12 +86,15 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg) -> None:
     mesh = dims.world_mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims.world_mesh["dp_shard"]
     policy = cfg.parallelism.fsdp_reshard_after_forward
     reshard = {"always": True, "never": False, "default": True}[policy]
+    from titan_aquila.parallel.expert_parallel import expert_parallel_params
+
+    ignored = expert_parallel_params(model) or None  # EP-sharded experts are not FSDP-sharded again
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away in backward: keep them (torchtitan's default).
-        fully_shard(block, mesh=mesh, mp_policy=mp,
+        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored,
                     reshard_after_forward=reshard if (policy != "default" or i < len(blocks) - 1) else False)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=policy == "always")
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=policy == "always", ignored_params=ignored)
     kind = "HSDP" if dims.dp_replicate > 1 else "FSDP2"
     rank0_print(f"[parallelize] {kind} over {mesh.size()} ranks: {len(blocks)} blocks + root; "
                 f"param {t.mixed_precision_param}, reduce {t.mixed_precision_reduce}, reshard_after_forward {policy}")
