@@ -67,7 +67,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self.w1, self.w2, self.w3
-        grouped = self.use_grouped_mm and grouped_mm_supported(x_ND)
+        # torch.compile lowers _grouped_mm only for bf16 inputs (fp32 raises "Expected inputs of BF16 type").
+        grouped = self.use_grouped_mm and grouped_mm_supported(x_ND) and \
+            not (torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16)
         return expert_swiglu(x_ND, w1, w2, w3, counts_E, grouped)
 
     def reset_parameters(self, init_std: float, out_std: float) -> None:

@@ -1,0 +1,121 @@
+"""Every parallelism against the single-process run (fp32, same global batch), through train.py as users launch it.
+
+Tolerances: TP and EP change only the order of floating-point reductions, so printed losses (4 decimals) agree to
+within 1e-4; compile and activation checkpointing must not change the math (same tolerance)."""
+
+import pytest
+
+from _util import losses, run_train, tiny_config
+
+MOE = {"n_experts": 4, "top_k": 2, "moe_ffn_dim": 32}
+
+
+def assert_same_losses(got: dict, ref: dict, tol: float = 1.1e-4):
+    assert sorted(got) == sorted(ref), (got, ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=tol), (step, got[step], ref[step])
+
+
+def reference(tmp_path, name, **kw):
+    rc, out, err = run_train(tiny_config(tmp_path, name=name, **kw))
+    assert rc == 0, err
+    return losses(out)
+
+
+@pytest.mark.parametrize("tied,sp", [(False, True), (True, False)])
+def test_tensor_parallel_equals_single_process(tmp_path, tied, sp):
+    kw = dict(overrides={"tie_embeddings": tied}, training={"local_batch_size": 2, "steps": 4})
+    ref = reference(tmp_path, "ref", **kw)
+    cfg = tiny_config(tmp_path, name="tp", **kw)
+    rc, out, err = run_train(cfg, "--parallelism.tensor_parallel_degree", "2",
+                             f"--parallelism.enable_sequence_parallel={str(sp).lower()}", nproc=2)
+    assert rc == 0, err
+    assert "tensor parallel over 2 ranks" in out
+    assert_same_losses(losses(out), ref)
+
+
+def test_tensor_parallel_moe_equals_single_process(tmp_path):
+    kw = dict(flavor="debugmoe", overrides=MOE, training={"local_batch_size": 2, "steps": 3})
+    ref = reference(tmp_path, "ref", **kw)
+    rc, out, err = run_train(tiny_config(tmp_path, name="tp", **kw), "--parallelism.tensor_parallel_degree", "2",
+                             nproc=2)
+    assert rc == 0, err
+    assert_same_losses(losses(out), ref)
+
+
+def test_fsdp2_x_tp2_on_four_ranks(tmp_path):
+    ref = reference(tmp_path, "ref", training={"local_batch_size": 4, "steps": 3})
+    cfg = tiny_config(tmp_path, name="2d", training={"local_batch_size": 2, "steps": 3})
+    rc, out, err = run_train(cfg, "--parallelism.tensor_parallel_degree", "2", nproc=4, timeout=400)
+    assert rc == 0, err
+    assert "FSDP2 over 2 ranks" in out and "tensor parallel over 2 ranks" in out
+    assert_same_losses(losses(out), ref)
+
+
+def test_expert_parallel_with_fsdp_equals_single_process(tmp_path):
+    ref = reference(tmp_path, "ref", flavor="debugmoe", overrides=MOE, training={"local_batch_size": 4, "steps": 4})
+    cfg = tiny_config(tmp_path, name="ep", flavor="debugmoe", overrides=MOE, training={"local_batch_size": 2, "steps": 4})
+    rc, out, err = run_train(cfg, "--parallelism.expert_parallel_degree", "2", nproc=2)
+    assert rc == 0, err
+    assert "expert parallel over 2 ranks: 2 experts per rank" in out and "FSDP2 over 2 ranks" in out
+    assert_same_losses(losses(out), ref)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--compile.enable", "--compile.backend", "aot_eager"),  # inductor's first compile costs ~20 s per run here
+    ("--activation_checkpoint.mode", "full"),
+    ("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"),
+], ids=["compile", "ac_full", "ac_selective"])
+def test_compile_and_activation_checkpointing_keep_the_losses(tmp_path, flags):
+    kw = dict(flavor="debugmoe", overrides=MOE, training={"steps": 3})
+    ref = reference(tmp_path, "ref", **kw)
+    rc, out, err = run_train(tiny_config(tmp_path, name="x", **kw), *flags)
+    assert rc == 0, err
+    assert_same_losses(losses(out), ref)
+
+
+def test_float8_emulated_tracks_fp32(tmp_path):
+    kw = dict(training={"steps": 20}, optimizer={"lr": 1e-2})
+    ref = reference(tmp_path, "ref", **kw)
+    rc, out, err = run_train(tiny_config(tmp_path, name="f8", **kw), "--float8.enable")
+    assert rc == 0, err
+    assert "float8 tensorwise (emulated)" in out
+    got = losses(out)
+    assert got[20] < got[1] - 2.0
+    assert abs(got[20] - ref[20]) < 0.15  # float8 rounding: measured 0.04 on this model
+
+
+def test_checkpoint_saved_under_fsdp_loads_under_tp_and_single_process(tmp_path):
+    cfg = tiny_config(tmp_path, name="src", training={"local_batch_size": 2, "steps": 4},
+                      checkpoint={"enable": True, "interval": 4})
+    rc, out, err = run_train(cfg, nproc=2)
+    assert rc == 0, err
+    step4 = tmp_path / "src" / "checkpoint" / "step-4"
+    runs = []
+    for nproc, extra in ((1, ()), (2, ("--parallelism.tensor_parallel_degree", "2"))):
+        load = tiny_config(tmp_path, name=f"load{nproc}", training={"local_batch_size": 2, "steps": 2},
+                           checkpoint={"initial_load_path": str(step4)})
+        rc, out, err = run_train(load, *extra, nproc=nproc)
+        assert rc == 0, err
+        runs.append(losses(out))
+    assert_same_losses(runs[1], runs[0])
+    assert runs[0][1] < 10.5  # the trained weights were loaded (a fresh model starts near ln(49152) = 10.8)
+
+
+BAD = [
+    ("degrees vs world size", 1, ("--parallelism.data_parallel_shard_degree", "2"), {}, "world size is 1"),
+    ("tp vs kv heads", 2, ("--parallelism.tensor_parallel_degree", "2"), {"n_kv_heads": 1}, "model.n_kv_heads"),
+    ("ep vs experts", 2, ("--parallelism.expert_parallel_degree", "2"), {"n_experts": 3, "top_k": 2, "moe_ffn_dim": 32},
+     "does not divide model.n_experts"),
+    ("float8 dims", 1, ("--float8.enable",), {"dim": 40, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 72},
+     "no Linear layer can be converted"),
+    ("compile backend", 1, ("--compile.enable", "--compile.backend", "tensorrt"), {}, "compile.backend"),
+]
+
+
+@pytest.mark.parametrize("name,nproc,flags,overrides,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_parallel_settings(tmp_path, name, nproc, flags, overrides, message):
+    rc, out, err = run_train(tiny_config(tmp_path, overrides=overrides), *flags, nproc=nproc)
+    assert rc != 0
+    errors = [ln for ln in (err + out).splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], (errors, err[-2000:])
