@@ -2,42 +2,30 @@
 
     python train.py --job.config_file train_configs/debug_model.toml
     torchrun --standalone --nproc_per_node=2 train.py --job.config_file train_configs/debug_model.toml
+    python train.py --help
 
-The whole loop, top to bottom: config -> distributed -> model args (+ growth plan) -> model -> parallelize ->
-optimizer/schedule -> data -> checkpoint (resume | initial load | grow) -> [growth audit] -> steps -> final save.
+Top to bottom: config -> plan (model args, parallel degrees, accumulation; checked before torch is imported) ->
+distributed -> growth plan -> model -> parallelize -> optimizer/schedule -> data -> checkpoint (resume | initial
+load | grow) -> [growth audit] -> steps -> final save -> gloo-safe exit.
+
+One step, with A = global_batch_size / (local_batch_size x dp degree) micro-batches:
+
+    grad = d/dθ  (1/A) Σ_micro  [ CE + load_balance_coeff·lb + z_loss_coeff·z ]     (FSDP2 averages over dp ranks)
+    clip to training.max_norm; a non-finite loss or grad norm stops the run or skips the update (training.on_nonfinite)
+    AdamW step; LR schedule step; expert loads all-reduced and reset; expert_bias += rate·sign(mean load − load)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
-from titan_aquila.parallel.dist_utils import set_per_rank_inductor_cache
-
-set_per_rank_inductor_cache()  # before torch is imported (cpu-facts trap 2)
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from titan_aquila.checkpoint import CheckpointManager, resolve_growth  # noqa: E402
-from titan_aquila.checkpoint_io import read_model_state_dict, resolve_checkpoint_dir  # noqa: E402
-from titan_aquila.config import load_job_config  # noqa: E402
-from titan_aquila.data import build_dataloader, build_validation_dataloader  # noqa: E402
-from titan_aquila.errors import UserError  # noqa: E402
-from titan_aquila.evaluate import growth_audit, validation_loss, write_audit  # noqa: E402
-from titan_aquila.metrics import MetricsLogger, device_peak_flops  # noqa: E402
-from titan_aquila.models.aquila import build_model  # noqa: E402
-from titan_aquila.models.args import build_model_args  # noqa: E402
-from titan_aquila.optim import build_lr_scheduler, build_optimizer  # noqa: E402
-from titan_aquila.parallel.dist_utils import finish, init_distributed, world_info  # noqa: E402
-from titan_aquila.parallel.parallel_dims import ParallelDims  # noqa: E402
-from titan_aquila.parallel.parallelize import parallelize_model  # noqa: E402
-from titan_aquila.tokenizer import Tokenizer  # noqa: E402
-from titan_aquila.train_utils import (collect_expert_load, full_grad_norm, reduce_mean,  # noqa: E402
-                                      update_expert_bias)
-
-AUTOCAST = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from titan_aquila.config import load_job_config
+from titan_aquila.errors import UserError
+from titan_aquila.models.args import ModelArgs, build_model_args
+from titan_aquila.parallel.dist_utils import set_per_rank_inductor_cache, world_info
+from titan_aquila.parallel.parallel_dims import ParallelDims
 
 
 def log(msg: str) -> None:
@@ -45,48 +33,75 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def build_args(cfg):
-    """Model args of the config's flavor + overrides; with growth, the plan's final args (read from the source)."""
+def check_context(args: ModelArgs, seq_len: int) -> None:
+    if seq_len > args.max_seq_len:
+        raise UserError(f"training.seq_len {seq_len} is larger than the model's context max_seq_len "
+                        f"{args.max_seq_len}")
+
+
+def plan_job(cfg) -> tuple[ModelArgs, ParallelDims, int]:
+    """What can be checked without torch: model args (flavor + overrides), parallel degrees against the world
+    size, and the number of micro-batches per step."""
     args = build_model_args(cfg.model.flavor, {**cfg.model.overrides, "z_loss_type": cfg.moe.z_loss_type})
-    if cfg.training.seq_len > args.max_seq_len:
-        raise UserError(f"training.seq_len {cfg.training.seq_len} is larger than the model's context "
-                        f"max_seq_len {args.max_seq_len}")
-    plan = resolve_growth(cfg, args)
-    return (plan.dst_args if plan else args), plan
+    t = cfg.training
+    check_context(args, t.seq_len)
+    dims = ParallelDims.from_config(cfg.parallelism, world_info()[2])
+    if t.global_batch_size == -1:
+        return args, dims, 1
+    if t.global_batch_size % (t.local_batch_size * dims.dp_degree):
+        raise UserError(f"training.global_batch_size {t.global_batch_size} is not a multiple of local_batch_size "
+                        f"{t.local_batch_size} x data-parallel degree {dims.dp_degree}")
+    return args, dims, t.global_batch_size // (t.local_batch_size * dims.dp_degree)
 
 
-def train(cfg) -> int:
+def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
+    # torch and everything built on it is imported only now: `--help` and config mistakes answer in 0.1 s instead
+    # of the seconds `import torch` takes on a busy CPU.
+    import warnings
+
+    import torch
+
+    from titan_aquila.checkpoint import CheckpointManager, resolve_growth
+    from titan_aquila.data import build_dataloader, build_validation_dataloader
+    from titan_aquila.evaluate import validation_loss
+    from titan_aquila.metrics import MetricsLogger, device_peak_flops
+    from titan_aquila.models.aquila import build_model
+    from titan_aquila.optim import build_lr_scheduler, build_optimizer
+    from titan_aquila.parallel.dist_utils import init_distributed
+    from titan_aquila.parallel.parallelize import parallelize_model
+    from titan_aquila.tokenizer import Tokenizer
+    from titan_aquila.train_utils import (collect_expert_load, full_grad_norm, reduce_mean, training_loss,
+                                          update_expert_bias)
+
+    t, v, m = cfg.training, cfg.validation, cfg.moe
+    if cfg.job.print_config:
+        log(json.dumps(cfg.to_dict(), indent=2))
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+        torch.use_deterministic_algorithms(True)
     device = init_distributed()
     rank, _, world = world_info()
-    dims = ParallelDims.from_config(cfg.parallelism, world)
     dims.build_mesh(device.type)
     dp_rank, dp_degree = dims.dp_rank(), dims.dp_degree
     dp_group = dims.world_mesh["dp"].get_group() if dims.world_mesh is not None else None
-    t = cfg.training
-    if t.global_batch_size == -1:
-        accum = 1
-    elif t.global_batch_size % (t.local_batch_size * dp_degree):
-        raise UserError(f"training.global_batch_size {t.global_batch_size} is not a multiple of local_batch_size "
-                        f"{t.local_batch_size} x data-parallel degree {dp_degree}")
-    else:
-        accum = t.global_batch_size // (t.local_batch_size * dp_degree)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same on every rank
 
-    args, plan = build_args(cfg)
+    plan = resolve_growth(cfg, args)  # growth: the source shape comes from its checkpoint; build the grown shape
+    if plan is not None:
+        args = plan.dst_args
+        check_context(args, t.seq_len)
     tokenizer = Tokenizer(cfg.model.tokenizer_path)
     if args.vocab_size < tokenizer.vocab_size:
         raise UserError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     train_loader = build_dataloader(t.dataset_path, tokenizer, t.seq_len, t.local_batch_size, dp_rank, dp_degree,
                                     num_workers=t.num_workers, seed=t.seed)
-    v = cfg.validation
-    val_loader = build_validation_dataloader(v.dataset_path, tokenizer, t.seq_len, v.local_batch_size if
-                                             v.local_batch_size > 0 else t.local_batch_size, dp_rank, dp_degree) \
-        if v.enable or (plan is not None and cfg.growth.audit) else None
+    audit = plan is not None and cfg.growth.audit
+    val_loader = build_validation_dataloader(
+        v.dataset_path, tokenizer, t.seq_len, v.local_batch_size if v.local_batch_size > 0 else t.local_batch_size,
+        dp_rank, dp_degree) if v.enable or audit else None
 
-    # Every rank builds the same full model from the same seed, then parallelize shards it: 1-rank and N-rank runs
-    # start from identical weights. (Models too big for one host memory would build on "meta" and init per shard.)
+    # Every rank builds the same full model from the same seed and parallelize keeps its shard, so 1-rank and N-rank
+    # runs start from identical weights. (A model too big for host memory would need a meta build + sharded init.)
     model = build_model(args, device="cpu", seed=t.seed)
     log(f"model {cfg.model.flavor}{' + overrides' if cfg.model.overrides else ''}"
         f"{' grown by ' + plan.describe() if plan else ''}: {args.num_params():,} parameters "
@@ -96,94 +111,115 @@ def train(cfg) -> int:
     scheduler = build_lr_scheduler(optimizer, cfg)
     ckpt = CheckpointManager(cfg, model, optimizer, scheduler, train_loader, args, dims, growth_plan=plan,
                              dp_rank=dp_rank, dp_degree=dp_degree)
-    start = ckpt.load()
-    if plan is not None and start == 0 and cfg.growth.audit:
-        src = build_model(plan.src_args, device="cpu")
-        src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(cfg.growth.source_path)), strict=True)
-        audit = {"methods": plan.describe(), **growth_audit(src.to(device), model, val_loader, device,
-                                                            cfg.growth.audit_steps, group=dp_group)}
-        del src
-        log(f"growth audit ({audit['methods']}): source loss {audit['source_loss']:.4f}  grown loss "
-            f"{audit['grown_loss']:.4f}  max |logit diff| {audit['max_logit_diff']:.3e}")
-        if rank == 0:
-            write_audit(cfg.job.dump_folder, audit)
+    start = ckpt.load()  # last checkpoint of this job > checkpoint.initial_load_path > grown source > fresh
+    if audit and start == 0:
+        audit = run_growth_audit(cfg, plan, model, val_loader, device, dp_group)
 
-    autocast_dtype = AUTOCAST[t.autocast_dtype]
+    autocast_dtype = {"": None, "bfloat16": torch.bfloat16}[t.autocast_dtype]
     peak, peak_desc = device_peak_flops(device, autocast_dtype or torch.float32)
-    log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_desc}); gradient accumulation {accum}; "
-        f"global batch {t.local_batch_size * dp_degree * accum} x {t.seq_len} tokens")
+    tokens_per_step = t.local_batch_size * dp_degree * accum * t.seq_len
+    log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_desc}); gradient accumulation {accum}; global batch "
+        f"{t.local_batch_size * dp_degree * accum} x {t.seq_len} = {tokens_per_step:,} tokens; steps {start + 1}.."
+        f"{t.steps}")
     metrics = MetricsLogger(cfg, rank, args.flops_per_token(t.seq_len), peak, world)
-    if plan is not None and start == 0 and cfg.growth.audit:
-        metrics.write(0, {"growth/source_loss": audit["source_loss"], "growth/grown_loss": audit["grown_loss"],
-                          "growth/max_logit_diff": audit["max_logit_diff"]})
+    if isinstance(audit, dict):
+        metrics.write(0, {f"growth/{k}": audit[k] for k in ("source_loss", "grown_loss", "max_logit_diff")})
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-    data_iter = iter(train_loader)  # after ckpt.load(): the restored position applies to a fresh iterator
-    m = cfg.moe
-    for step in range(start + 1, t.steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)  # ce, load balance, router z (means over micro-batches)
-        for _ in range(accum):
-            inputs, labels = next(data_iter)
-            inputs, labels = inputs.to(device), labels.to(device)
-            with autocast():
-                logits, aux = model(inputs)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-            loss = ce + m.load_balance_coeff * aux[0] + m.z_loss_coeff * aux[1]
-            if m.z_loss_type == "output_max":  # Baichuan-style max-z on the LM logits
-                z_out = logits.float().max(dim=-1).values.pow(2).mean()
-                loss = loss + m.z_loss_coeff * z_out
-                aux = torch.stack([aux[0], z_out.detach()])
-            (loss / accum).backward()
-            sums += torch.stack([ce.detach(), aux[0].detach(), aux[1].detach()]) / accum
-            metrics.add_tokens(inputs.numel() * dp_degree)
-        grad_norm = full_grad_norm(model, t.max_norm)
-        sums = reduce_mean(sums, dp_group)
-        if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
-            msg = f"non-finite loss {sums[0].item()} or grad norm {grad_norm.item()} at step {step}"
-            if t.on_nonfinite == "stop":
-                raise UserError(msg + " (training.on_nonfinite = 'stop')")
-            log(f"warning: {msg}; skipping the optimizer step (training.on_nonfinite = 'skip')")
-            collect_expert_load(model, dp_group)  # discard this step's routing counts
-            continue
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        load = collect_expert_load(model, dp_group)
-        if m.bias_update_rate > 0:
-            update_expert_bias(model, load, m.bias_update_rate)
+    data_iter = iter(train_loader)  # after ckpt.load(): a fresh iterator starts at the restored position
+    try:
+        for step in range(start + 1, t.steps + 1):
+            metrics.step_started()
+            optimizer.zero_grad(set_to_none=True)
+            parts = torch.zeros(3, device=device)  # [ce, load balance, z], means over this rank's micro-batches
+            for _ in range(accum):
+                inputs, labels = (x.to(device) for x in next(data_iter))
+                with autocast():
+                    logits, aux = model(inputs)
+                loss, detached = training_loss(logits, labels, aux, m)
+                (loss / accum).backward()  # + FSDP2's mean over dp ranks = the gradient of the global-batch mean
+                parts += detached / accum
+            grad_norm = full_grad_norm(model, t.max_norm)  # global norm before clipping, over every mesh
+            parts = reduce_mean(parts, dp_group)
+            loss_ok, norm_ok = bool(torch.isfinite(parts).all()), bool(torch.isfinite(grad_norm))
+            finite = loss_ok and norm_ok
+            if not finite:
+                msg = (f"non-finite {'gradient norm' if loss_ok else 'loss'} at step {step} (loss "
+                       f"{parts[0].item():.4g}, load balance {parts[1].item():.4g}, z {parts[2].item():.4g}, "
+                       f"grad norm {grad_norm.item():.4g})")
+                if t.on_nonfinite == "stop":
+                    raise UserError(f"{msg} (training.on_nonfinite = 'stop'; 'skip' drops such steps)")
+                log(f"warning: {msg}; skipping the optimizer step (training.on_nonfinite = 'skip')")
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            with warnings.catch_warnings():  # LambdaLR warns if a skipped step 1 advances it before any update
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()  # also on a skipped step: the LR stays a function of the step number
+            load = collect_expert_load(model, dp_group)  # all-reduced over dp ranks; counters reset
+            if finite and m.bias_update_rate > 0:
+                update_expert_bias(model, load, m.bias_update_rate)
+            metrics.step_finished(tokens_per_step)
 
-        if metrics.should_log(step):
-            scalars = {"loss/ce": sums[0].item(), "lr": lr, "grad_norm": grad_norm.item()}
-            if args.is_moe:
-                scalars.update({"loss/load_balance": sums[1].item(), "loss/router_z": sums[2].item()})
-            fracs = {layer: (c / c.sum().clamp(min=1)).tolist() for layer, c in load.items()}
-            metrics.log_step(step, scalars, fracs, device)
-        if v.enable and (step % v.freq == 0 or step == t.steps):
-            val, n = validation_loss(model, val_loader, device, v.steps, autocast(), group=dp_group)
-            metrics.log_validation(step, val, n)
-        ckpt.maybe_save(step)
-
-    ckpt.maybe_save(t.steps, force=True)
-    ckpt.close()
-    metrics.close()
+            if metrics.should_log(step):
+                scalars = {"loss/ce": parts[0].item(), "lr": lr, "grad_norm": grad_norm.item()}
+                if args.is_moe:
+                    scalars["loss/load_balance"] = parts[1].item()
+                if args.is_moe or m.z_loss_type == "output_max":
+                    scalars["loss/z"] = parts[2].item()
+                fracs = {layer: (c / c.sum().clamp(min=1)).tolist() for layer, c in load.items()}
+                metrics.log_step(step, scalars, fracs, device)
+            if v.enable and (step % v.freq == 0 or step == t.steps):
+                val, n = validation_loss(model, val_loader, device, v.steps, autocast(), group=dp_group)
+                metrics.log_validation(step, val, n)
+            ckpt.maybe_save(step)
+        ckpt.maybe_save(t.steps, force=True)
+        ckpt.close()
+    finally:
+        metrics.close()
     return 0
+
+
+def run_growth_audit(cfg, plan, model, val_loader, device, dp_group) -> dict:
+    """Source vs freshly grown model on the same held-out batches, before any update (logged, and saved to
+    <dump_folder>/growth_audit.json): a function-preserving growth shows equal losses and ~0 logit difference."""
+    from titan_aquila.checkpoint_io import read_model_state_dict, resolve_checkpoint_dir
+    from titan_aquila.evaluate import growth_audit, write_audit
+    from titan_aquila.models.aquila import build_model
+
+    src = build_model(plan.src_args, device="cpu")
+    src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(cfg.growth.source_path)), strict=True)
+    audit = {"methods": plan.describe(), **growth_audit(src.to(device), model, val_loader, device,
+                                                        cfg.growth.audit_steps, group=dp_group)}
+    log(f"growth audit ({audit['methods']}): source loss {audit['source_loss']:.4f}  grown loss "
+        f"{audit['grown_loss']:.4f}  max |logit diff| {audit['max_logit_diff']:.3e}")
+    if world_info()[0] == 0:
+        write_audit(cfg.job.dump_folder, audit)
+    return audit
 
 
 def main(argv: list[str]) -> None:
     code = 0
     try:
-        cfg = load_job_config(argv)
-        code = train(cfg)
+        cfg = load_job_config(argv)  # -h/--help prints the options and raises SystemExit(0)
+        args, dims, accum = plan_job(cfg)
+        set_per_rank_inductor_cache()  # before torch is imported (cpu-facts trap 2)
+        code = train(cfg, args, dims, accum)
     except UserError as e:
-        if world_info()[0] == 0:
+        if world_info()[0] == 0:  # every rank hits the same mistake: say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
-    except SystemExit as e:  # --help
+    except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
-    finish(code)
+    if "torch.distributed" in sys.modules:
+        from titan_aquila.parallel.dist_utils import finish
+
+        finish(code)  # barrier, destroy the group, flush, os._exit: gloo can crash a normal exit (cpu-facts trap 1)
+    sys.stdout.flush()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

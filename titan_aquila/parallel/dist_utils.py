@@ -18,12 +18,17 @@ def world_info() -> tuple[int, int, int]:
 
 
 def set_per_rank_inductor_cache() -> None:
-    """Give each rank its own inductor cache (cpu-facts trap 2: compiled TP kernels hold rank-specific offsets but
-    the cache key has no rank). Must run before torch is imported."""
-    rank = int(os.environ.get("RANK", 0))
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        base = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"torchinductor_{os.getuid()}_titan_aquila")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"rank{rank}")
+    """Give each rank its own inductor cache: `$TORCHINDUCTOR_CACHE_DIR/rank<RANK>` (default base
+    `$TMPDIR/torchinductor_<uid>_titan_aquila`). cpu-facts trap 2: compiled TP kernels hold rank-specific offsets
+    but the cache key has no rank, so a shared cache gives silently wrong losses. Must run before torch is
+    imported (train.py calls it first); a no-op for a single process or when already applied."""
+    rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or os.environ.get("TITAN_AQUILA_RANK_CACHE") == rank:
+        return
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"torchinductor_{os.getuid()}_titan_aquila")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"rank{rank}")
+    os.environ["TITAN_AQUILA_RANK_CACHE"] = rank  # marks it done (and is inherited by nothing that matters)
 
 
 def init_distributed():
@@ -41,6 +46,26 @@ def init_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
     return device
+
+
+def seed_all(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) with the same value on every rank, so that every rank builds the
+    same full model before parallelize shards it. Data order is seeded by the data loader with its dp rank."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def finish(code: int = 0) -> None:

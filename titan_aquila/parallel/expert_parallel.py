@@ -1,18 +1,23 @@
 """Expert parallelism: experts sharded over the "ep" ranks, tokens moved with all-to-all.
 
-With ep ranks and E experts, rank r owns experts [r*E/ep, (r+1)*E/ep) (DTensor Shard(0) on the expert dim, so DCP
-checkpoints and the growth loader see the usual [E, ...] tensors). One MoE step on rank r:
+With ep ranks and E experts, ep rank r owns experts [r E/ep, (r+1) E/ep): the stacked weights w1/w3 [E, Fe, D] and
+w2 [E, D, Fe] become DTensors with Shard(0) on the "ep" mesh, so state dicts, DCP checkpoints and the growth loader
+still see the usual [E, ...] tensors. One MoE step on ep rank r (rows of x arrive sorted by expert id):
 
-    counts[E]   tokens this rank sends to each expert (rows of x arrive sorted by expert id)
-    a2a(counts) -> recv[ep, E/ep]: tokens each source rank sends to each of my experts
-    a2a(x)      rows for my experts, ordered (source rank, expert) -> regrouped (expert, source rank)
-    grouped SwiGLU on my experts -> the inverse regrouping -> a2a back -> rows in the original order
+    counts[E]         rows this rank sends to each expert
+    a2a(counts)    -> recv[s, j]: rows source rank s sends to my local expert j          (recv is [ep, E/ep])
+    a2a(x)         -> rows for my experts, in (source, expert) order; regroup to (expert, source) order
+    grouped SwiGLU on my E/ep experts with counts recv.sum(0); inverse regroup; a2a back -> rows in the input order
 
-Design: EP borrows the data-parallel shard ranks (torchtitan's choice) and here uses all of them: ep must equal
-data_parallel_shard_degree, without TP or HSDP. The non-expert weights are FSDP2-sharded over the same ranks; the
-expert weights are not (each already lives on exactly one rank). Every rank's loss is the mean over its own tokens
-and the all-to-all backward sums the contributions of all ep ranks into an expert's gradient, so expert gradients
-are divided by ep to match FSDP's averaged gradients of the other weights.
+Both row all-to-alls are `all_to_all_single` with uneven (possibly zero) splits (list-form all_to_all fails on gloo,
+cpu-facts trap 5); the autograd version sends gradients back the same way. The router, the aux losses and
+`tokens_per_expert` run on each rank's own tokens before dispatch, so the counts stay per expert [E] on every rank
+and the trainer's all-reduce over "dp" gives the global load.
+
+Gradient scale: each rank's loss is the mean over its own tokens, and FSDP averages gradients over the ranks it
+reduces over. An expert's gradient arrives through the all-to-all as the SUM over the ep ranks' losses, so it is
+multiplied by 1/ep in backward (`_ScaleGrad`); FSDP then averages over "dp_shard_mod_ep" (x "dp_replicate"), which
+together gives (1/dp) sum over all ranks, the same as for every other weight.
 """
 
 from __future__ import annotations
@@ -28,66 +33,76 @@ from titan_aquila.metrics import rank0_print
 from titan_aquila.models.moe import expert_swiglu, grouped_mm_supported
 
 
-def validate_ep(args, dims) -> None:
+def validate_ep(args, ep: int) -> None:
     if args.n_experts == 0:
         raise UserError("expert_parallel_degree > 1 needs an MoE model (model.n_experts > 0)")
-    if args.n_experts % dims.ep:
-        raise UserError(f"expert_parallel_degree {dims.ep} does not divide model.n_experts ({args.n_experts})")
-    if dims.ep != dims.dp_shard or dims.tp > 1 or dims.dp_replicate > 1:
-        raise UserError(f"expert_parallel_degree ({dims.ep}) must equal data_parallel_shard_degree "
-                        f"({dims.dp_shard}), without tensor parallelism or HSDP replication")
+    if args.n_experts % ep:
+        raise UserError(f"expert_parallel_degree {ep} does not divide model.n_experts ({args.n_experts})")
 
 
-class ExpertParallelForward:
-    """Replaces `GroupedExperts.forward` with the all-to-all version; the parameters stay on the experts module."""
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in forward, gradient times `scale` in backward."""
 
-    def __init__(self, experts: nn.Module, mesh):
-        self.mesh, self.group = mesh, mesh.get_group()
-        self.ep = mesh.size()
-        self.experts = [experts]  # not an attribute cycle the module tree would follow
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
 
-    def __call__(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        experts = self.experts[0]
-        E = counts.numel()
-        local = E // self.ep
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+class ExpertParallelExperts(nn.Module):
+    """Takes over a `GroupedExperts`' parameters (same names w1/w2/w3, so FQNs do not change) as Shard(0)
+    DTensors on the ep mesh, and computes `forward(x_sorted, counts)` with all-to-all dispatch."""
+
+    def __init__(self, experts: nn.Module, ep_mesh):
+        super().__init__()
+        self.ep, self.group = ep_mesh.size(), ep_mesh.get_group()
+        self.use_grouped_mm = experts.use_grouped_mm
+        for name in ("w1", "w2", "w3"):
+            full = getattr(experts, name)
+            self.register_parameter(name, nn.Parameter(distribute_tensor(full.data, ep_mesh, [Shard(0)])))
+
+    @torch.compiler.disable  # data-dependent split sizes (.tolist()) and collectives: keep this part eager
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        ep, local = self.ep, counts.numel() // self.ep
+        counts = counts.to(torch.int64)
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.group)
-        recv = recv.view(self.ep, local)  # recv[s, j]: rows from rank s for my expert j
-        send_splits = counts.view(self.ep, local).sum(1).tolist()
+        recv = recv.view(ep, local)
+        send_splits = counts.view(ep, local).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
-        x_recv = all_to_all_single_autograd(x_sorted, recv_splits, send_splits, self.group)
-        # Regroup rows from (source, expert) order to (expert, source) order for the grouped GEMM.
-        block_start = torch.cumsum(recv.flatten(), 0) - recv.flatten()  # start of block (s, j) in x_recv
-        order = torch.cat([torch.arange(int(block_start[s * local + j]), int(block_start[s * local + j] + recv[s, j]))
-                           for j in range(local) for s in range(self.ep)]) if x_recv.shape[0] else \
-            torch.zeros(0, dtype=torch.long)
-        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (experts.w1, experts.w2, experts.w3))
-        grouped = experts.use_grouped_mm and grouped_mm_supported(x_recv)
-        y_local = expert_swiglu(x_recv[order.to(x_recv.device)], w1, w2, w3, recv.sum(0), grouped)
-        y_recv = torch.empty_like(y_local).index_copy(0, order.to(y_local.device), y_local)
-        return all_to_all_single_autograd(y_recv, send_splits, recv_splits, self.group)
+        x_recv = all_to_all_single_autograd(x_sorted.contiguous(), recv_splits, send_splits, self.group)
+
+        # Rows arrive as blocks (source s, expert j); a stable sort by j regroups them expert-major.
+        block = torch.repeat_interleave(torch.arange(ep * local, device=recv.device), recv.flatten())
+        order = torch.argsort(block % local, stable=True).to(x_recv.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+
+        w = [_ScaleGrad.apply(p.to_local() if isinstance(p, DTensor) else p, 1.0 / ep).to(x_recv.dtype)
+             for p in (self.w1, self.w2, self.w3)]
+        grouped = self.use_grouped_mm and grouped_mm_supported(x_recv)
+        y = expert_swiglu(x_recv[order], w[0], w[1], w[2], recv.sum(0).to(x_recv.device), grouped)
+        return all_to_all_single_autograd(y[inverse].contiguous(), send_splits, recv_splits, self.group)
 
 
 def apply_ep(model: nn.Module, dims) -> None:
-    validate_ep(model.args, dims)
-    mesh = dims.world_mesh["dp_shard"]
-    ep = mesh.size()
+    """Replace every MoE layer's experts with `ExpertParallelExperts` over `dims.ep_mesh["ep"]`."""
+    validate_ep(model.args, dims.ep)
+    ep_mesh = dims.ep_mesh["ep"]
+    n = 0
     for block in model.layers.values():
         moe = getattr(block, "moe", None)
-        if moe is None:
-            continue
-        experts = moe.experts
-        for name in ("w1", "w2", "w3"):
-            full = getattr(experts, name)
-            param = nn.Parameter(distribute_tensor(full.data, mesh, [Shard(0)]))
-            param.register_hook(lambda g: g / ep)  # see the module docstring
-            param._titan_expert_parallel = True
-            setattr(experts, name, param)
-        experts.forward = ExpertParallelForward(experts, mesh)
-    rank0_print(f"[parallelize] expert parallel over {ep} ranks: {model.args.n_experts // ep} experts per rank, "
-                f"all-to-all dispatch")
+        if moe is not None:
+            moe.experts = ExpertParallelExperts(moe.experts, ep_mesh)
+            n += 1
+    rank0_print(f"[parallelize] expert parallel over {dims.ep} ranks in {n} MoE layers: "
+                f"{model.args.n_experts // dims.ep} of {model.args.n_experts} experts per rank, all-to-all dispatch; "
+                f"expert weights FSDP over {dims.dp_shard_mod_ep} x {dims.dp_replicate} replicate ranks")
 
 
-def expert_parallel_params(model: nn.Module) -> set:
-    """Parameters FSDP must leave alone (already sharded over the expert dimension)."""
-    return {p for p in model.parameters() if getattr(p, "_titan_expert_parallel", False)}
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]

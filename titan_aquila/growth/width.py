@@ -1,0 +1,214 @@
+"""Scale-Up width growth: `fpi`, `aki`, `exact` (fields dim, n_heads, ffn_dim; n_kv_heads and head_dim stay fixed).
+
+Notation (algorithms.md §1.3): d -> D hidden, H -> H' query heads in G fixed KV groups (r = H/G, r' = H'/G),
+F -> F' FFN units, head_dim fixed. Maps (maps.py): g(i) = i mod d, h(f) = f mod F, pi(t) = (t//r')*r + (t mod r') mod r,
+with multiplicities c_j, e_j, m_s. The residual stream becomes x' = x o g (a replicated copy of x).
+
+FPI (`fpi`, bert2BERT FPI with AquilaMoE's left-to-right copy):
+    consumers divide by the multiplicity of what they read:
+        wq'[(t,a), i] = wq[(pi(t),a), g(i)] / c_g(i)      wk', wv'[(s,a), i] = w[(s,a), g(i)] / c_g(i)
+        w1', w3'[f, i] = w[h(f), g(i)] / c_g(i)           output'[v, i] = output[v, g(i)] / c_g(i)  (untied)
+        wo'[i, (t,a)] = wo[g(i), (pi(t),a)] / m_pi(t)     w2'[i, f] = w2[g(i), h(f)] / e_h(f)
+    producers copy rows: tok_embeddings'[v, i] = E[v, g(i)], and the g(i) row mapping of wo and w2 above.
+    biases copy: bq'[(t,a)] = bq[(pi(t),a)]; bk, bv unchanged.  Norms: gamma'_i = gamma_g(i), eps unchanged.
+    Tied embeddings (uniform k = D/d): E' = [E, ..., E] (a producer copy) is also the output layer, so logits are
+    k * E (x^ gamma); the final norm is set to gamma'_i = gamma_g(i) / k, which makes the logits exact.
+    Exactness: duplicated q heads attend identically and wo's 1/m recombines them; FFN growth is exact for any F'
+    (no norm inside the MLP). RMSNorm is exact iff every c_j = k = D/d (integer ratio): mean(x'^2) = mean(x^2).
+    A non-integer ratio (e.g. 4096 -> 5120) is allowed but NOT exact: every norm output is off by the per-token
+    factor sqrt(mean_c(x^2)/mean(x^2)) (AquilaMoE Table 2: 1.85 -> 1.96). Tied + non-integer ratio is refused
+    (UserError): the copy/divide conflict has no exact fix; use `exact`.
+
+AKI (`aki`, bert2BERT Advanced Knowledge Initialization, as AquilaMoE applies it): layer l's NEW internal output
+    units come from layer l+1's in-dimension-expanded (FPI) weights, old units from layer l's own FPI weights:
+        new FFN units f >= F:  w1', w3' rows f and the matching w2' columns f (already / e_h(f)) from layer l+1
+                               (a whole neuron of layer l+1: its gate, up and down; bert2BERT's literal rule keeps
+                               layer l's down projection, we keep neurons coherent);
+        new query heads t (t mod r' >= r, inside the same KV group):  wq' rows, bq' entries and wo' columns
+                               (already / m_pi(t)) of head t from layer l+1;
+        hidden (residual-stream) units, embeddings, norms, k/v: FPI (the residual stream stays a replicated copy, so
+                               the norms keep their statistics).
+    The top layer (no l+1) is plain FPI (zxhcelestes/bert2BERT fallback). AKI equals FPI on every old unit and is
+    not function-preserving (the new units' w2/wo contributions come from another layer).
+
+Exact (`exact`, LEMON / G_random zero padding, any D >= d):  x' = [x, ..., x (k = D//d copies), 0_r], r = D - k*d.
+    Consumers read the copies / k and ignore the padding (zero columns); producers write zeros into the r padded
+    dims; norms gamma' = sqrt(c) [gamma, ..., gamma, 0_r] and eps' = c * eps with c = k*d/D, so
+    RMSNorm'(x') = [RMSNorm(x) x k, 0] exactly (the plan returns norm_eps' = c * eps). Tied: final norm also / k.
+    Heads and FFN as FPI (copies + 1/m, 1/e splits are exact for any ratio). With D a multiple of d it equals FPI.
+
+Noise (growth.noise_std = s > 0, off by default): after growth every 2-D weight W gets + N(0, s^2) (absolute std, as
+    in `upcycle`), drawn from a generator seeded by (growth.seed, crc32(tensor name)), so reruns are identical.
+    Noise breaks exactness.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from titan_aquila.errors import UserError
+from titan_aquila.growth import GrowthMethod, GrowthOptions, register
+from titan_aquila.growth.maps import UnitMap, cyclic_map, head_map, new_heads, padded_map
+from titan_aquila.models.args import ModelArgs
+
+FIELDS = ("dim", "n_heads", "ffn_dim", "n_kv_heads", "head_dim", "norm_eps", "moe_ffn_dim")
+"""n_kv_heads/head_dim are owned only to give a precise error; moe_ffn_dim because a dense model derives it from
+ffn_dim (unused by dense layers; `upcycle` sets it); norm_eps so that `exact` can rescale it and the other
+methods keep the source's value when the target restates it up to float rounding (a GGUF stores eps as float32)."""
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+# ---- plan -----------------------------------------------------------------------------------------------------
+def check_dense(name: str, before: ModelArgs) -> None:
+    _need(not before.is_moe, f"{name}: the source is a MoE ({before.n_experts} experts); Scale-Up grows dense "
+          "models only: grow the dense model first, then upcycle (methods = [..., 'upcycle'])")
+
+
+def keep_eps(name: str, before: ModelArgs, target: ModelArgs) -> ModelArgs:
+    """The target with the source's norm_eps (UserError if the target asks for a really different one)."""
+    _need(math.isclose(target.norm_eps, before.norm_eps, rel_tol=1e-6),
+          f"{name}: target norm_eps {target.norm_eps} differs from the source's {before.norm_eps}; growth keeps it")
+    return target.replace(norm_eps=before.norm_eps)
+
+
+def plan_width(mode: str, before: ModelArgs, target: ModelArgs, opts: GrowthOptions) -> ModelArgs:
+    check_dense(mode, before)
+    _need(opts.noise_std >= 0, f"{mode}: growth.noise_std must be >= 0, got {opts.noise_std}")
+    hd = before.head_dim
+    _need(target.n_kv_heads == before.n_kv_heads,
+          f"{mode}: n_kv_heads must stay {before.n_kv_heads} (got {target.n_kv_heads}); width growth adds query "
+          "heads inside the fixed KV groups (AquilaMoE GQA rule)")
+    _need(target.head_dim == hd, f"{mode}: head_dim must stay {hd} (got {target.head_dim}: dim {target.dim} / "
+          f"n_heads {target.n_heads}); growth adds heads, it cannot change RoPE or the softmax scale")
+    for f in ("dim", "n_heads", "ffn_dim"):
+        _need(getattr(target, f) >= getattr(before, f),
+              f"{mode}: cannot shrink {f} ({getattr(before, f)} -> {getattr(target, f)})")
+    _need(target.dim % hd == 0, f"{mode}: target dim {target.dim} is not a multiple of head_dim {hd}")
+    _need(target.n_heads % target.n_kv_heads == 0,
+          f"{mode}: target n_heads {target.n_heads} is not a multiple of n_kv_heads {target.n_kv_heads}")
+    if mode == "exact":
+        c = (target.dim // before.dim) * before.dim / target.dim
+        eps = before.norm_eps * c
+        _need(math.isclose(target.norm_eps, before.norm_eps, rel_tol=1e-6) or math.isclose(target.norm_eps, eps),
+              f"exact: target norm_eps {target.norm_eps} must equal the source's {before.norm_eps} (the plan "
+              f"sets it to c*eps = {eps:g})")
+        return target.replace(norm_eps=eps).validate()
+    if before.tie_embeddings and target.dim % before.dim:
+        raise UserError(f"{mode}: tied embeddings with a non-integer width ratio ({before.dim} -> {target.dim}) "
+                        "cannot be grown by copies; use methods ['exact'] (zero padding, exact at any ratio) or an "
+                        "integer multiple of dim")
+    return keep_eps(mode, before, target).validate()
+
+
+# ---- apply ----------------------------------------------------------------------------------------------------
+class _Maps:
+    def __init__(self, mode: str, a: ModelArgs, b: ModelArgs):
+        self.g: UnitMap = (padded_map if mode == "exact" else cyclic_map)(a.dim, b.dim)
+        self.h = cyclic_map(a.ffn_dim, b.ffn_dim)
+        self.q = head_map(a.n_heads, b.n_heads, a.n_kv_heads).expand(a.head_dim)
+        self.new_q = new_heads(a.n_heads, b.n_heads, a.n_kv_heads).repeat_interleave(a.head_dim)
+        self.new_f = torch.arange(b.ffn_dim) >= a.ffn_dim
+        k = b.dim // a.dim
+        self.norm_scale = math.sqrt(k * a.dim / b.dim) if mode == "exact" else 1.0
+        self.k = k
+
+
+def _consume(w: torch.Tensor, g: UnitMap) -> torch.Tensor:
+    """Columns (in-dimension) read the replicated stream: W[:, g(i)] / c_g(i) (zero on padding)."""
+    return w[:, g.src] * g.inv_mult
+
+
+def _produce(w: torch.Tensor, g: UnitMap) -> torch.Tensor:
+    """Rows (out-dimension on the residual stream) are copied: W[g(i)] (zero on padding)."""
+    return w[g.src] * g.live[:, None]
+
+
+def _norm(w: torch.Tensor, m: _Maps, extra: float = 1.0) -> torch.Tensor:
+    return w[m.g.src] * m.g.live * (m.norm_scale / extra)
+
+
+def grow_layer(sd: dict, l: int, m: _Maps, bias: bool) -> dict[str, torch.Tensor]:
+    """FPI/exact tensors of layer l (names relative to `layers.{l}.`), computed in float64."""
+    p = f"layers.{l}."
+    get = lambda n: sd[p + n].double()  # noqa: E731
+    out = {"attention_norm.weight": _norm(get("attention_norm.weight"), m),
+           "ffn_norm.weight": _norm(get("ffn_norm.weight"), m),
+           "attention.wq.weight": _consume(get("attention.wq.weight")[m.q.src], m.g),
+           "attention.wk.weight": _consume(get("attention.wk.weight"), m.g),
+           "attention.wv.weight": _consume(get("attention.wv.weight"), m.g),
+           "attention.wo.weight": _produce(get("attention.wo.weight"), m.g)[:, m.q.src] * m.q.inv_mult,
+           "feed_forward.w1.weight": _consume(get("feed_forward.w1.weight")[m.h.src], m.g),
+           "feed_forward.w3.weight": _consume(get("feed_forward.w3.weight")[m.h.src], m.g),
+           "feed_forward.w2.weight": _produce(get("feed_forward.w2.weight"), m.g)[:, m.h.src] * m.h.inv_mult}
+    if bias:
+        out["attention.wq.bias"] = get("attention.wq.bias")[m.q.src]
+        out["attention.wk.bias"] = get("attention.wk.bias")
+        out["attention.wv.bias"] = get("attention.wv.bias")
+    return out
+
+
+def _aki_splice(own: dict, nxt: dict, m: _Maps) -> dict:
+    """New FFN units and new query heads of layer l from layer l+1's FPI tensors (see the module docstring)."""
+    out = dict(own)
+    f, q = m.new_f, m.new_q
+    for n in ("feed_forward.w1.weight", "feed_forward.w3.weight"):
+        out[n] = torch.where(f[:, None], nxt[n], own[n])
+    out["feed_forward.w2.weight"] = torch.where(f[None, :], nxt["feed_forward.w2.weight"], own["feed_forward.w2.weight"])
+    out["attention.wq.weight"] = torch.where(q[:, None], nxt["attention.wq.weight"], own["attention.wq.weight"])
+    out["attention.wo.weight"] = torch.where(q[None, :], nxt["attention.wo.weight"], own["attention.wo.weight"])
+    if "attention.wq.bias" in own:
+        out["attention.wq.bias"] = torch.where(q, nxt["attention.wq.bias"], own["attention.wq.bias"])
+    return out
+
+
+def add_noise(sd: dict, names, opts: GrowthOptions) -> None:
+    """In place: + N(0, noise_std^2) on the named 2-D weights, one generator per name (seed, crc32(name))."""
+    if opts.noise_std <= 0:
+        return
+    for n in names:
+        w = sd[n]
+        if w.dim() != 2:
+            continue
+        gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + zlib.crc32(n.encode()))
+        sd[n] = w + (torch.randn(w.shape, generator=gen, dtype=torch.float32) * opts.noise_std).to(w.dtype)
+
+
+def apply_width(mode: str, a: ModelArgs, sd: dict, b: ModelArgs, opts: GrowthOptions) -> dict:
+    m = _Maps(mode, a, b)
+    dtype_of = {n: t.dtype for n, t in sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    nxt = grow_layer(sd, 0, m, a.qkv_bias)
+    for l in range(a.n_layers):  # layer by layer: at most two float64 layers alive (AKI needs l+1)
+        cur, nxt = nxt, (grow_layer(sd, l + 1, m, a.qkv_bias) if l + 1 < a.n_layers else None)
+        layer = _aki_splice(cur, nxt, m) if mode == "aki" and nxt is not None else cur
+        for n, t in layer.items():
+            out[f"layers.{l}.{n}"] = t.to(dtype_of[f"layers.{l}.{n}"])
+    out["tok_embeddings.weight"] = (sd["tok_embeddings.weight"].double()[:, m.g.src] * m.g.live).to(
+        dtype_of["tok_embeddings.weight"])
+    out["norm.weight"] = _norm(sd["norm.weight"].double(), m, m.k if a.tie_embeddings else 1.0).to(
+        dtype_of["norm.weight"])
+    if not a.tie_embeddings:
+        out["output.weight"] = _consume(sd["output.weight"].double(), m.g).to(dtype_of["output.weight"])
+    missing = set(sd) - set(out)
+    assert not missing, f"width growth dropped {sorted(missing)}"
+    add_noise(out, list(out), opts)
+    return out
+
+
+def _method(mode: str, doc: str) -> GrowthMethod:
+    return GrowthMethod(name=mode, fields=FIELDS,
+                        plan=lambda a, t, o: plan_width(mode, a, t, o),
+                        apply=lambda a, sd, b, o: apply_width(mode, a, sd, b, o), doc=doc)
+
+
+register(_method("fpi", "width: bert2BERT/AquilaMoE FPI, cyclic copies + 1/multiplicity splits (exact for integer "
+                        "ratios)"))
+register(_method("aki", "width: bert2BERT AKI, new FFN units / query heads from layer l+1 (top layer FPI)"))
+register(_method("exact", "width: zero-padded copies, RMSNorm gamma*sqrt(c), eps*c (exact at any ratio)"))
