@@ -70,8 +70,8 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     from titan_aquila.parallel.dist_utils import init_distributed
     from titan_aquila.parallel.parallelize import parallelize_model
     from titan_aquila.tokenizer import Tokenizer
-    from titan_aquila.train_utils import (collect_expert_load, full_grad_norm, reduce_mean, training_loss,
-                                          update_expert_bias)
+    from titan_aquila.train_utils import (collect_expert_load, full_grad_norm, load_fractions, reduce_mean,
+                                          training_loss, update_expert_bias)
 
     t, v, m = cfg.training, cfg.validation, cfg.moe
     if cfg.job.print_config:
@@ -124,6 +124,8 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     metrics = MetricsLogger(cfg, rank, args.flops_per_token(t.seq_len), peak, world)
     if isinstance(audit, dict):
         metrics.write(0, {f"growth/{k}": audit[k] for k in ("source_loss", "grown_loss", "max_logit_diff")})
+        metrics.log_validation(0, audit["grown_loss"], audit["tokens"],
+                               {int(k): v for k, v in audit.get("expert_load", {}).items()})
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -170,11 +172,11 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
                     scalars["loss/load_balance"] = parts[1].item()
                 if args.is_moe or m.z_loss_type == "output_max":
                     scalars["loss/z"] = parts[2].item()
-                fracs = {layer: (c / c.sum().clamp(min=1)).tolist() for layer, c in load.items()}
-                metrics.log_step(step, scalars, fracs, device)
+                metrics.log_step(step, scalars, load_fractions(load), device)
             if v.enable and (step % v.freq == 0 or step == t.steps):
                 val, n = validation_loss(model, val_loader, device, v.steps, autocast(), group=dp_group)
-                metrics.log_validation(step, val, n)
+                # Read (and reset) the validation tokens' expert counts so they never enter a training step's load.
+                metrics.log_validation(step, val, n, load_fractions(collect_expert_load(model, dp_group)))
             ckpt.maybe_save(step)
         ckpt.maybe_save(t.steps, force=True)
         ckpt.close()
@@ -189,13 +191,20 @@ def run_growth_audit(cfg, plan, model, val_loader, device, dp_group) -> dict:
     from titan_aquila.checkpoint_io import read_model_state_dict, resolve_checkpoint_dir
     from titan_aquila.evaluate import growth_audit, write_audit
     from titan_aquila.models.aquila import build_model
+    from titan_aquila.train_utils import collect_expert_load, load_fractions
 
     src = build_model(plan.src_args, device="cpu")
     src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(cfg.growth.source_path)), strict=True)
     audit = {"methods": plan.describe(), **growth_audit(src.to(device), model, val_loader, device,
                                                         cfg.growth.audit_steps, group=dp_group)}
+    # The grown model's expert counts from the audit batches (also resets them before training step 1).
+    fracs = load_fractions(collect_expert_load(model, dp_group))
+    if fracs:
+        audit["expert_load"] = {str(layer): f for layer, f in fracs.items()}
+    used = [sum(x > 0 for x in f) for f in fracs.values()]
     log(f"growth audit ({audit['methods']}): source loss {audit['source_loss']:.4f}  grown loss "
-        f"{audit['grown_loss']:.4f}  max |logit diff| {audit['max_logit_diff']:.3e}")
+        f"{audit['grown_loss']:.4f}  max |logit diff| {audit['max_logit_diff']:.3e}"
+        f"{f'  experts used per MoE layer {min(used)}..{max(used)} of {plan.dst_args.n_experts}' if used else ''}")
     if world_info()[0] == 0:
         write_audit(cfg.job.dump_folder, audit)
     return audit

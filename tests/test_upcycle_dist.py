@@ -1,4 +1,4 @@
-"""Upcycling on 2 real gloo ranks: FSDP2-sharded MoE loaded from the lazy upcycled state dict, and train.py.
+"""Upcycling on 2 real gloo ranks: FSDP2-sharded MoE loaded from the lazy upcycled state dict.
 
 1. `test_sharded_upcycled_model_equals_dense`: this file is also the worker (`torchrun ... tests/test_upcycle_dist.py
    OUT.json`). Each rank builds the dense model (same seed), upcycles its state dict (8 experts, top-2, Mixtral
@@ -6,9 +6,7 @@
    rank 1 experts 4..7) and writes the lazy state dict with `load_model_weights`. Checked: sharded logits = dense
    logits (r = 0, <= 1e-5), the full (unsharded) r = 0.5 weights gathered from the shards = the weights one process
    builds, and each rank called `LazyExperts.make` only for its own experts, once per expert per matrix per layer.
-2. `test_train_py_upcycles_a_dense_checkpoint_on_two_ranks`: a tiny dense run of train.py saves a checkpoint; a
-   2-rank torchrun of train.py with [growth] methods = ["upcycle"] writes growth_audit.json with grown loss = source
-   loss (<= 1e-4) and its training loss falls over 10 steps.
+(train.py growing and upcycling on 2 ranks: tests/test_grow_and_train.py.)
 """
 
 from __future__ import annotations
@@ -108,32 +106,6 @@ def test_sharded_upcycled_model_equals_dense(tmp_path):
             assert all(v == mine for v in res[r]["calls"].values()), res[r]["calls"]  # once per own expert
         assert res["0.0"]["logit_diff"] <= 1e-5
         assert res["0.5"]["logit_diff"] > 1e-3  # Drop-Upcycling changes the function
-
-
-def test_train_py_upcycles_a_dense_checkpoint_on_two_ranks(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _util import losses, run_train, tiny_config
-
-    common = dict(training={"local_batch_size": 2, "seq_len": 32, "steps": 10, "seed": 7},
-                  optimizer={"lr": 3e-3}, lr_scheduler={"warmup_steps": 2})
-    dense_cfg = tiny_config(tmp_path, "dense", checkpoint={"enable": True, "interval": 1000},
-                            **{**common, "training": {**common["training"], "steps": 8}, "optimizer": {"lr": 1e-2}})
-    rc, out, err = run_train(dense_cfg, timeout=120)
-    assert rc == 0, err[-3000:]
-    moe_cfg = tiny_config(tmp_path, "moe", overrides={"n_experts": 4, "top_k": 2, "router_order": "topk_softmax"},
-                          growth={"enable": True, "source_path": str(tmp_path / "dense" / "checkpoint"),
-                                  "methods": ["upcycle"], "router_init_std": 0.02, "audit_steps": 2},
-                          moe={"load_balance_coeff": 1e-3}, **common)
-    rc, out, err = run_train(moe_cfg, nproc=2, timeout=180)
-    assert rc == 0, err[-3000:]
-    audit = json.loads((tmp_path / "moe" / "growth_audit.json").read_text())
-    ls = losses(out)
-    print(f"\ngrowth audit: {audit}\nMoE training losses: {ls}")
-    assert audit["methods"] == "upcycle" and audit["tokens"] > 0
-    assert audit["source_loss"] < 10.7  # the source learned something (ln 49152 = 10.80 is chance)
-    assert abs(audit["grown_loss"] - audit["source_loss"]) <= 1e-4 and audit["max_logit_diff"] <= 1e-4
-    assert sorted(ls) == list(range(1, 11))
-    assert ls[10] < ls[1] - 0.1, ls
 
 
 if __name__ == "__main__":

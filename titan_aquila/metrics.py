@@ -107,10 +107,16 @@ class MetricsLogger:
         for layer, fracs in expert_fracs.items():
             self.write(step, {f"moe/layer{layer}/expert{e}_frac": f for e, f in enumerate(fracs)})
 
-    def log_validation(self, step: int, loss: float, n_tokens: int) -> None:
+    def log_validation(self, step: int, loss: float, n_tokens: int,
+                       expert_fracs: dict[int, list[float]] | None = None) -> None:
+        """The validation loss, and (MoE) each expert's share of the validation tokens' routing slots under
+        `validation/moe/...`: the same held-out batches every time, so these curves show the router itself moving
+        (step 0 is the growth audit's value, before any update)."""
         if self.rank == 0:
             print(f"step {step:5d}  validation loss {loss:.4f}  ({n_tokens:,} tokens)", flush=True)
             self.write(step, {"validation/loss": loss})
+            for layer, fracs in (expert_fracs or {}).items():
+                self.write(step, {f"validation/moe/layer{layer}/expert{e}_frac": f for e, f in enumerate(fracs)})
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:

@@ -86,6 +86,11 @@ def collect_expert_load(model: nn.Module, group=None) -> dict[int, torch.Tensor]
     return load
 
 
+def load_fractions(load: dict[int, torch.Tensor]) -> dict[int, list[float]]:
+    """layer -> each expert's share of the routed (token, slot) pairs."""
+    return {layer: (c / c.sum().clamp(min=1)).tolist() for layer, c in load.items()}
+
+
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, load: dict[int, torch.Tensor], rate: float) -> None:
     """DeepSeek-V3 aux-loss-free balancing: b_i += rate * sign(mean load - load_i). Every rank applies the same

@@ -1,0 +1,80 @@
+"""train.py grows a trained dense checkpoint at load time and keeps training on 2 FSDP2 ranks (gloo).
+
+One tiny dense run (module fixture) saves the source checkpoint; then
+  - Scale-Up: [growth] methods = ["fpi", "zero"] (width x2, 2 -> 3 layers, both exact): the growth audit shows the
+    source loss kept (<= 1e-4) and the grown model's training loss falls;
+  - Scale-Out: methods = ["upcycle"] (4 experts, top-2, Mixtral routing): the audit keeps the loss, the loss falls,
+    and the experts' share of the *same* validation batches (TensorBoard `validation/moe/...`, step 0 = the audit,
+    before any update) moves away from its initial value as the router trains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _util import losses, run_train, tiny_config
+
+COMMON = dict(training={"local_batch_size": 2, "seq_len": 32, "steps": 10, "seed": 7},
+              optimizer={"lr": 3e-3}, lr_scheduler={"warmup_steps": 2})
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("dense")
+    cfg = tiny_config(tmp, "dense", checkpoint={"enable": True, "interval": 1000},
+                      **{**COMMON, "training": {**COMMON["training"], "steps": 8}, "optimizer": {"lr": 1e-2}})
+    rc, out, err = run_train(cfg, timeout=120)
+    assert rc == 0, err[-3000:]
+    return tmp / "dense" / "checkpoint"
+
+
+def _grow_and_train(tmp_path, source: Path, methods: list[str], overrides: dict, **sections):
+    cfg = tiny_config(tmp_path, "grown", overrides=overrides,
+                      growth={"enable": True, "source_path": str(source), "methods": methods, "audit_steps": 2},
+                      **{**COMMON, **sections})
+    rc, out, err = run_train(cfg, nproc=2, timeout=240)
+    assert rc == 0, err[-3000:]
+    assert "FSDP2 over 2 ranks" in out
+    audit = json.loads((tmp_path / "grown" / "growth_audit.json").read_text())
+    ls = losses(out)
+    print(f"\ngrowth audit: {audit}\ntraining losses: {ls}")
+    assert audit["tokens"] > 0 and audit["source_loss"] < 10.7  # the source learned (ln 49152 = 10.80 is chance)
+    assert abs(audit["grown_loss"] - audit["source_loss"]) <= 1e-4 and audit["max_logit_diff"] <= 1e-4
+    assert sorted(ls) == list(range(1, 11))
+    assert ls[10] < ls[1] - 0.1, ls
+    return audit, out
+
+
+def test_train_py_grows_width_and_depth_on_two_ranks(tmp_path, dense_checkpoint):
+    audit, out = _grow_and_train(tmp_path, dense_checkpoint, ["fpi", "zero"],
+                                 {"dim": 128, "n_heads": 8, "ffn_dim": 256, "n_layers": 3})
+    assert audit["methods"] == "fpi -> zero" and "expert_load" not in audit
+    assert "grown by fpi -> zero" in out
+
+
+def test_train_py_upcycles_on_two_ranks_and_the_validation_expert_load_moves(tmp_path, dense_checkpoint):
+    E = 4
+    audit, out = _grow_and_train(
+        tmp_path, dense_checkpoint, ["upcycle"], {"n_experts": E, "top_k": 2, "router_order": "topk_softmax"},
+        moe={"load_balance_coeff": 1e-3}, validation={"enable": True, "freq": 10, "steps": 2},
+        metrics={"log_freq": 1, "enable_tensorboard": True})
+    assert audit["methods"] == "upcycle" and sorted(audit["expert_load"]) == ["0", "1"]
+    assert "experts used per MoE layer" in out
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "grown" / "tb"))
+    acc.Reload()
+    moved = []
+    for layer in (0, 1):
+        series = [acc.Scalars(f"validation/moe/layer{layer}/expert{e}_frac") for e in range(E)]
+        assert all([s.step for s in ser] == [0, 10] for ser in series)
+        start, end = [[ser[i].value for ser in series] for i in (0, 1)]
+        assert start == pytest.approx(audit["expert_load"][str(layer)], abs=1e-6)  # step 0 is the audit
+        assert sum(start) == pytest.approx(1.0, abs=1e-5) and sum(end) == pytest.approx(1.0, abs=1e-5)
+        moved.append(max(abs(a - b) for a, b in zip(start, end)))
+    print(f"largest change of an expert's share of the validation tokens, per layer: {moved}")
+    assert max(moved) > 0.01  # same tokens, trained router: the routing changed
