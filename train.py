@@ -127,6 +127,12 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
         metrics.log_validation(0, audit["grown_loss"], audit["tokens"],
                                {int(k): v for k, v in audit.get("expert_load", {}).items()})
 
+    # compile.components 'loss': the CE (+ aux) objective as one graph (fuses the fp32 upcast of the large logits).
+    loss_fn = training_loss
+    if cfg.compile.enable and "loss" in cfg.compile.components:
+        loss_fn = torch.compile(training_loss, backend=cfg.compile.backend)
+        log(f"[parallelize] torch.compile ({cfg.compile.backend}) of the training loss")
+
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
@@ -140,7 +146,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
                 inputs, labels = (x.to(device) for x in next(data_iter))
                 with autocast():
                     logits, aux = model(inputs)
-                loss, detached = training_loss(logits, labels, aux, m)
+                loss, detached = loss_fn(logits, labels, aux, m)
                 (loss / accum).backward()  # + FSDP2's mean over dp ranks = the gradient of the global-batch mean
                 parts += detached / accum
             grad_norm = full_grad_norm(model, t.max_norm)  # global norm before clipping, over every mesh

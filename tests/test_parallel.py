@@ -63,14 +63,17 @@ def test_expert_parallel_with_fsdp_equals_single_process(tmp_path):
 
 @pytest.mark.parametrize("flags", [
     ("--compile.enable", "--compile.backend", "aot_eager"),  # inductor's first compile costs ~20 s per run here
+    ("--compile.enable", "--compile.backend", "aot_eager", "--compile.components", "model,loss"),
     ("--activation_checkpoint.mode", "full"),
     ("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"),
-], ids=["compile", "ac_full", "ac_selective"])
+], ids=["compile", "compile_loss", "ac_full", "ac_selective"])
 def test_compile_and_activation_checkpointing_keep_the_losses(tmp_path, flags):
     kw = dict(flavor="debugmoe", overrides=MOE, training={"steps": 3})
     ref = reference(tmp_path, "ref", **kw)
     rc, out, err = run_train(tiny_config(tmp_path, name="x", **kw), *flags)
     assert rc == 0, err
+    if "model,loss" in flags:
+        assert "torch.compile (aot_eager) of the training loss" in out
     assert_same_losses(losses(out), ref)
 
 

@@ -212,7 +212,7 @@ class ActivationCheckpoint:
     mode: Literal["none", "full", "selective"] = "none"
     """'none', 'full' (every block) or 'selective' (see selective_ac_option)."""
     selective_ac_option: str = "2"
-    """For selective mode: an integer n (as a string) checkpoints every n-th block; 'op' checkpoints per op."""
+    """For selective mode: an integer n (as a string) checkpoints every n-th block (0, n, 2n, ...)."""
 
 
 @dataclass
