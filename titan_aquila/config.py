@@ -190,7 +190,7 @@ class Metrics:
     save_tb_folder: str = "tb"
     """TensorBoard folder, relative to job.dump_folder."""
     disable_color_printing: bool = False
-    """Print console metrics without ANSI colours."""
+    """Print console metrics without ANSI colours (colours are used only when stdout is a terminal)."""
 
 
 @dataclass

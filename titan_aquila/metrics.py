@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +73,10 @@ class MetricsLogger:
             folder = Path(cfg.job.dump_folder) / cfg.metrics.save_tb_folder
             folder.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(folder))
+        # ANSI colours for a human at a terminal; never in pipes or files (tests and log parsers read those).
+        color = sys.stdout.isatty() and not cfg.metrics.disable_color_printing
+        self._c = {"step": "\033[36m", "loss": "\033[32m", "off": "\033[0m"} if color else dict.fromkeys(
+            ("step", "loss", "off"), "")
         self._t0 = 0.0
         self._time = 0.0  # seconds spent in training steps since the last logged step
         self._tokens = 0  # global tokens trained on since the last logged step
@@ -95,7 +100,8 @@ class MetricsLogger:
                    "memory/max_gib": memory_gib(device)}
         if self.rank != 0:
             return
-        parts = [f"step {step:5d}", f"loss {scalars['loss/ce']:.4f}"]
+        c = self._c
+        parts = [f"{c['step']}step {step:5d}{c['off']}", f"{c['loss']}loss {scalars['loss/ce']:.4f}{c['off']}"]
         if "loss/load_balance" in scalars:
             parts.append(f"lb {scalars['loss/load_balance']:.4f}")
         if "loss/z" in scalars:
