@@ -1,10 +1,12 @@
-"""Shared code of the experiments: presets, one `train.py` stage run in-process, console parsing, tables, plots.
+"""Shared code of the experiments: presets, one `train.py` stage run in-process, console parsing (report.py: tables,
+plots, results.md).
 
 A stage is the real pipeline: a TOML file is written into the run folder (rerun it by hand with
 `python train.py --job.config_file RUN/config.toml`) and executed by `train.py`'s own `plan_job` + `train`
 (in this process, so that torch is imported once per experiment, not once per stage). Growth happens inside
 `train.py` exactly as for a user (`[growth]` + the growth audit, `growth_audit.json`); losses are parsed from the
-console lines, which are also kept in RUN/train.log.
+console lines, which are also kept in RUN/train.log. The stage-0 model is trained by whichever script runs first
+(6 min in full mode here) and reused by the others; `--reuse` remakes tables and plots from finished runs.
 
     FLOPs of a run at step s = ModelArgs.flops_per_token(seq_len) x local_batch_size x seq_len x s
     (the args are the ones train.py builds: the growth plan's dst_args when the stage grows a checkpoint)
@@ -16,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -88,7 +89,8 @@ def parse_args(doc: str, default_out: str, extra=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, few steps (seconds); outputs only under --out")
     p.add_argument("--out", default=str(REPO / "outputs" / "experiments" / default_out), help="run folders")
-    p.add_argument("--docs", default=None, help="where results.md and the PNGs go (default: docs/, or --out with --smoke)")
+    p.add_argument("--docs", default=None,
+                   help="where results.md and the PNGs go (default: docs/, or --out with --smoke)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core box)")
     p.add_argument("--fresh", action="store_true", help="retrain the stage-0 model even if --out has a matching one")
     p.add_argument("--reuse", action="store_true",
@@ -204,6 +206,9 @@ class _Tee:
         for st in self.streams:
             st.flush()
 
+    def isatty(self):  # train.py colours its console only at a terminal; the log file must stay parseable
+        return False
+
 
 STEP_RE = re.compile(r"^step\s+(\d+)\s+loss\s+(\S+)")
 VAL_RE = re.compile(r"^step\s+(\d+)\s+validation loss\s+(\S+)")
@@ -289,89 +294,3 @@ def stage0(a) -> Run:
     cfg = stage_config(run_dir, p, p.shape, p.stage0_steps, p.scratch_lr, save=True)
     cfg["validation"]["freq"] = p.stage0_steps // 4  # a curve of 4 points is enough for the source
     return run_stage("stage 0: dense from scratch", cfg, a, reuse=not a.fresh)
-
-
-# ---- reporting ------------------------------------------------------------------------------------------------
-def fmt(x, digits: int = 4) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else (f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.3g}")
-    return str(x)
-
-
-def md_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-RESULTS_HEADER = ("# Experiment results\n\nProduced by `experiments/*.py` on the shipped text (`assets/text`, SmolLM2 "
-                  "tokenizer); every loss is the held-out (validation split) cross-entropy unless a table says "
-                  "otherwise. Each script rewrites only its own section.\n")
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the block between this experiment's markers in results.md."""
-    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else RESULTS_HEADER
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def plot_panels(path: Path, panels: list[dict], title: str) -> None:
-    """panels: [{title, xlabel, ylabel, series: [{label, x, y, **matplotlib kwargs}], vlines: [(x, text)]}]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for s in panel["series"]:
-            s = dict(s)
-            ax.plot(s.pop("x"), s.pop("y"), **s)
-        for x, text in panel.get("vlines", []):
-            ax.axvline(x, color="gray", linestyle=":", linewidth=1)
-            ax.text(x, 1.0, " " + text, transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="gray")
-        ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel["ylabel"])
-        if "ylim" in panel:
-            ax.set_ylim(*panel["ylim"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def save_summary(a, name: str, summary: dict) -> Path:
-    path = a.out / f"{name}_summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1))
-    return path
-
-
-def wall_note(source: Run, runs) -> str:
-    runs = list(runs)
-    return (f"Wall time: {sum(r.wall_s for r in runs):.0f} s of training runs ({len(runs)} runs) + stage 0 "
-            f"{source.wall_s:.0f} s (shared by the three scripts), 1 torch thread on the shared 2-core box.")
-
-
-def check(facts: list, cond: bool, text: str, must: bool = True) -> None:
-    """Collect one fact. `must`: the script fails (after writing its results) if it is false; otherwise it is a
-    claim of a paper that is only reported, whichever way it comes out at this scale."""
-    facts.append((bool(cond), text, must))
-    print(f"  [{'ok' if cond else ('FAILED' if must else 'no')}] {text}", flush=True)
-
-
-def finish(facts: list) -> None:
-    bad = [t for ok, t, must in facts if must and not ok]
-    if bad:
-        raise SystemExit("facts that did not hold:\n  " + "\n  ".join(bad))

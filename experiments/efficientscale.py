@@ -1,7 +1,7 @@
 """The whole EfficientScale pipeline in miniature (AquilaMoE's training-loss figure): dense -> grown dense -> MoE,
 loss vs cumulative training FLOPs, against the final MoE trained from scratch for the same FLOPs.
 
-    python experiments/efficientscale.py             # full mode, a few minutes on a shared 2-core CPU
+    python experiments/efficientscale.py             # full mode: 7.5 min measured on the shared 2-core box
     python experiments/efficientscale.py --smoke     # tiny shapes, seconds; everything under --out
 
 Stage 0 trains the small dense model (full mode: dim 64, 2 layers, FFN 176) from scratch; stage 1 (Scale-Up,
@@ -12,9 +12,10 @@ as many steps as make its FLOPs equal the three stages' sum (to within one step)
 
     cumulative FLOPs at step s of stage i = sum_{j<i} FLOPs_j + flops_per_token_i(seq_len) x tokens_per_step x s
 
-Expected: every stage boundary is a jump (AKI-Pro is not function-preserving; upcycling is, to float rounding,
-asserted) and the pipeline reaches a lower held-out loss than the scratch MoE at equal FLOPs at this small budget;
-the table reports the FLOPs the scratch run needs to match the pipeline (if it does within the budget).
+Expected: the Scale-Up boundary is a jump (AKI-Pro is not function-preserving), the Scale-Out one is not (upcycling
+is exact to float rounding: asserted). AquilaMoE's claim, that the pipeline gets lower than training the final model
+from scratch for the same compute, is reported, not asserted: at this scale it held only for the first ~60% of the
+budget (docs/results.md), and the table gives the FLOPs each side needs to match the other's final loss.
 Writes docs/efficientscale.png and the "efficientscale" section of docs/results.md.
 """
 
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 import time
 
-from common import (MOE, check, describe, finish, md_table, parse_args, plot_panels, run_stage, save_summary, scaled,
-                    stage0, stage_config, wall_note, write_section)
+from common import MOE, describe, parse_args, run_stage, scaled, stage0, stage_config
+from report import check, facts_md, finish, md_table, plot_panels, save_summary, wall_note, write_section
 
 
 def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
@@ -32,6 +33,14 @@ def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | 
         if y1 <= target:
             return x1 if y0 <= target or y0 == y1 else x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
     return None
+
+
+def loss_at(points: list[tuple[float, float]], x: float) -> float:
+    """The piecewise-linear curve at FLOPs x (at a stage boundary: the end of the earlier stage)."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
 
 
 def main() -> None:
@@ -109,6 +118,9 @@ def main() -> None:
               f"(it ends at {scratch.final_val:.4f})")
     saving += (f"; the pipeline reaches the scratch MoE's final loss after {pipe_need:.3e} FLOPs "
                f"({pipe_need / budget:.0%} of the budget)" if pipe_need else "")
+    lead = md_table(["FLOPs", "MoE from scratch", "pipeline (interpolated)", "ahead"],
+                    [[f"{x:.3e}", y, loss_at(pipe, x), "pipeline" if loss_at(pipe, x) < y else "scratch"]
+                     for x, y in scratch_pts[1:]])
     body = f"""## EfficientScale pipeline (AquilaMoE training-loss figure) — `experiments/efficientscale.py{' --smoke' if a.smoke else ''}`
 
 Stage 0 trains {describe(p.shape)} from scratch (LR {p.scratch_lr:g}, {s0.steps} steps); stage 1 grows it with
@@ -119,11 +131,14 @@ top-{MOE['top_k']} ({steps} steps, LR {p.grown_lr:g}). Baseline: the stage-2 MoE
 {table}
 Compute: {saving}.
 
+Who is ahead at the scratch run's evaluations:
+
+{lead}
 ![EfficientScale loss vs FLOPs](efficientscale.png)
 
 Facts ([x] held, [ ] did not; the first three are asserted):
 
-""" + "\n".join(f"- [{'x' if ok else ' '}] {text}" for ok, text, _ in facts) + f"\n\n{wall_note(s0, [s1, s2, scratch])}\n"
+""" + facts_md(facts) + f"\n\n{wall_note(s0, [s1, s2, scratch])}\n"
     write_section(a.docs / "results.md", "efficientscale", body)
     save_summary(a, "efficientscale", {"budget": budget, "pipeline": pipe, "scratch": scratch_pts,
                  "stage_offsets": offsets, "scratch_flops_to_match": need, "pipeline_flops_to_match": pipe_need,

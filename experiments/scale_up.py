@@ -1,6 +1,6 @@
 """Scale-Up in miniature: AquilaMoE Tables 1-2 (held-out loss right after growth) and Fig. 3 (continued training).
 
-    python experiments/scale_up.py             # full mode, a few minutes on a shared 2-core CPU
+    python experiments/scale_up.py             # full mode: 15 min measured on the shared 2-core box (13 stages)
     python experiments/scale_up.py --smoke     # tiny shapes, seconds; everything under --out
 
 A small dense model (stage 0: dim 64, 2 layers, 4 heads in 2 KV groups, FFN 176; full mode) trained on the shipped
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import time
 
-from common import (check, describe, finish, fmt, md_table, parse_args, plot_panels, run_stage, save_summary, scaled,
-                    stage0, stage_config, wall_note, write_section)
+from common import describe, parse_args, run_stage, scaled, stage0, stage_config
+from report import check, facts_md, finish, fmt, md_table, plot_panels, save_summary, wall_note, write_section
 
 # (key, target shape name, growth methods or None for a fresh model, train after growth?)
 RUNS = [
@@ -46,19 +46,20 @@ RUNS = [
 def main() -> None:
     a = parse_args(__doc__, "scale_up")
     p, t0 = a.preset, time.time()
+    n = a.steps or p.steps
     src = stage0(a)
     shapes = {"W2": scaled(p.shape, 2), "W2D2": scaled(p.shape, 2, 2), "W15": scaled(p.shape, 1.5),
               "W15D2": scaled(p.shape, 1.5, 2)}
     runs = {}
     for key, target, methods, trained in RUNS:
         run_dir = a.out / key
-        steps = p.steps if trained else 1  # train.py needs >= 1 step; an audit-only run does one, unvalidated
+        steps = n if trained else 1  # train.py needs >= 1 step; an audit-only run does one, unvalidated
         if methods is None:
             cfg = stage_config(run_dir, p, shapes[target], steps, p.scratch_lr)
         else:
             cfg = stage_config(run_dir, p, shapes[target], steps, p.grown_lr,
                                growth={"source": src.checkpoint, "methods": methods})
-        cfg["validation"].update(enable=trained, freq=max(1, p.steps // 4))  # the recovery after growth is early
+        cfg["validation"].update(enable=trained, freq=max(1, n // 4))  # the recovery after growth is early
         runs[key] = run_stage(key, cfg, a)
 
     s0 = src.final_val
@@ -76,7 +77,7 @@ def main() -> None:
         return [" + ".join(methods) if methods else "random init", fmt(r.init_val), f"{drift[key]:+.2e}",
                 "–" if logit[key] is None else f"{logit[key]:.2e}", fmt(r.final_val) if trained else "–"]
 
-    headers = ["method", "initial loss", "Δ vs source", "max abs logit diff", f"loss after {p.steps} steps"]
+    headers = ["method", "initial loss", "Δ vs source", "max abs logit diff", f"loss after {n} steps"]
     t1_keys = ["fpi_w2", "aki_w2", "random", "fpi+stack", "fpi+interpolate", "aki+stack", "aki_pro", "fpi+zero"]
     t2_keys = ["fpi_w2", "fpi_w1.5", "exact_w1.5", "fpi+interpolate_w1.5d2", "aki_pro_w1.5d2", "zero+exact_w1.5d2"]
     target_of = {k: t for k, t, _, _ in RUNS}
@@ -90,9 +91,11 @@ def main() -> None:
     facts: list = []
     print("facts:")
     check(facts, abs(drift["fpi_w2"]) < 1e-3, f"FPI width x2 keeps the source loss: Δ = {drift['fpi_w2']:+.1e}")
-    check(facts, abs(drift["fpi+zero"]) < 1e-3, f"fpi+zero (x2 width, x2 depth) keeps it: Δ = {drift['fpi+zero']:+.1e}")
+    check(facts, abs(drift["fpi+zero"]) < 1e-3,
+          f"fpi+zero (x2 width, x2 depth) keeps it: Δ = {drift['fpi+zero']:+.1e}")
     check(facts, drift["random"] > 0.5, f"random init starts far above the source: Δ = {drift['random']:+.2f}")
-    check(facts, abs(drift["fpi_w1.5"]) > 1e-3, f"FPI at the non-integer ratio x1.5 drifts: Δ = {drift['fpi_w1.5']:+.1e}")
+    check(facts, abs(drift["fpi_w1.5"]) > 1e-3,
+          f"FPI at the non-integer ratio x1.5 drifts: Δ = {drift['fpi_w1.5']:+.1e}")
     check(facts, abs(drift["exact_w1.5"]) < 1e-3, f"exact at x1.5 keeps the loss: Δ = {drift['exact_w1.5']:+.1e}")
     check(facts, abs(drift["zero+exact_w1.5d2"]) < 1e-3,
           f"exact+zero (x1.5 width, x2 depth) keeps it: Δ = {drift['zero+exact_w1.5d2']:+.1e}")
@@ -104,10 +107,10 @@ def main() -> None:
     grown = [k for k in curve_keys if k != "random" and target_of[k] == "W2D2"]
     best = min(grown, key=lambda k: runs[k].final_val)
     check(facts, all(runs[k].final_val < runs["random"].final_val for k in grown),
-          f"every grown model is below random init after {p.steps} steps (best: {best}, "
+          f"every grown model is below random init after {n} steps (best: {best}, "
           f"{runs[best].final_val:.3f} vs {runs['random'].final_val:.3f})", must=False)
     check(facts, runs["aki_pro"].final_val < runs["fpi+interpolate"].final_val,
-          f"AKI-Pro has overtaken FPI+interpolation after {p.steps} steps (AquilaMoE Fig. 3: 'after a certain number"
+          f"AKI-Pro has overtaken FPI+interpolation after {n} steps (AquilaMoE Fig. 3: 'after a certain number"
           f" of steps'): {runs['aki_pro'].final_val:.3f} vs {runs['fpi+interpolate'].final_val:.3f}", must=False)
 
     def series(keys, first_color=0):
@@ -115,7 +118,7 @@ def main() -> None:
                  "y": list(runs[k].val.values()), "marker": "o", "markersize": 3, "color": f"C{first_color + i}"}
                 for i, k in enumerate(keys)]
 
-    src_line = {"label": f"source (stage 0) {s0:.3f}", "x": [0, p.steps], "y": [s0, s0], "color": "black",
+    src_line = {"label": f"source (stage 0) {s0:.3f}", "x": [0, n], "y": [s0, s0], "color": "black",
                 "linestyle": "--", "linewidth": 1}
     png = a.docs / "scale_up.png"
     w2d2 = [k for k in curve_keys if target_of[k] == "W2D2"]
@@ -131,9 +134,10 @@ def main() -> None:
     tokens = p.batch * p.seq_len
     body = f"""## Scale-Up (AquilaMoE Tables 1-2, Fig. 3) — `experiments/scale_up.py{' --smoke' if a.smoke else ''}`
 
-Source (stage 0): {describe(p.shape)}; trained from scratch for {src.steps} steps x {tokens} tokens (LR {p.scratch_lr:g}); held-out loss **{s0:.4f}**. Targets: W2 = {shape_str('W2')};
+Source (stage 0): {describe(p.shape)}; trained from scratch for {src.steps} steps x {tokens} tokens
+(LR {p.scratch_lr:g}); held-out loss **{s0:.4f}**. Targets: W2 = {shape_str('W2')};
 W2D2 = {shape_str('W2D2')}; W15 = {shape_str('W15')}; W15D2 = {shape_str('W15D2')}. "initial loss" is train.py's growth
-audit on the whole held-out split before any update; grown models then train {p.steps} steps x {tokens} tokens at LR
+audit on the whole held-out split before any update; grown models then train {n} steps x {tokens} tokens at LR
 {p.grown_lr:g}, random init at the from-scratch LR {p.scratch_lr:g} (cosine, 10% warmup, same data order).
 
 Table 1 analogue (integer width ratio x2):
@@ -149,7 +153,7 @@ Held-out loss during continued training:
 
 Facts checked by the script ([x] held, [ ] did not; the last ones are AquilaMoE's claims, reported, not asserted):
 
-""" + "\n".join(f"- [{'x' if ok else ' '}] {text}" for ok, text, _ in facts) + f"\n\n{wall_note(src, runs.values())}\n"
+""" + facts_md(facts) + f"\n\n{wall_note(src, runs.values())}\n"
     write_section(a.docs / "results.md", "scale_up", body)
     save_summary(a, "scale_up", {"source_loss": s0, "runs": {k: {"init": r.init_val, "final": r.final_val,
                  "drift": drift[k], "max_logit_diff": logit[k], "val": r.val} for k, r in runs.items()},

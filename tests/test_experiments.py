@@ -75,7 +75,7 @@ def test_efficientscale(out):
 
 
 def test_results_sections_are_independent(tmp_path):
-    from common import write_section
+    from report import write_section
 
     md = tmp_path / "results.md"
     write_section(md, "a", "first A")

@@ -71,6 +71,16 @@ def test_fpi_then_zero_exact_and_aki_pro_runs():
     assert d > 1e-3
 
 
+@pytest.mark.parametrize("methods", [["exact", "zero"], ["zero", "exact"]])
+def test_exact_non_integer_width_and_zero_depth_compose_in_either_order(methods):
+    a = src_args(n_layers=2)
+    t = a.replace(dim=48, n_heads=6, ffn_dim=72, head_dim=None, n_layers=4).validate()  # width x1.5, depth x2
+    src, dst, plan, _ = grow(methods, a, t)
+    assert plan.dst_args.norm_eps == pytest.approx(a.norm_eps * 32 / 48)  # exact's eps' = c * eps, c = kd/D
+    assert plan.dst_args.n_layers == 4 and plan.dst_args.dim == 48
+    assert logit_diff(src, dst) <= 1e-4
+
+
 def test_depth_noise_only_on_duplicates():
     a = src_args()
     _, _, _, sd = grow(["zero"], a, a.replace(n_layers=4), opts=GrowthOptions(noise_std=1e-2, seed=1))

@@ -74,7 +74,7 @@ class MetricsLogger:
             folder.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(folder))
         # ANSI colours for a human at a terminal; never in pipes or files (tests and log parsers read those).
-        color = sys.stdout.isatty() and not cfg.metrics.disable_color_printing
+        color = getattr(sys.stdout, "isatty", lambda: False)() and not cfg.metrics.disable_color_printing
         self._c = {"step": "\033[36m", "loss": "\033[32m", "off": "\033[0m"} if color else dict.fromkeys(
             ("step", "loss", "off"), "")
         self._t0 = 0.0

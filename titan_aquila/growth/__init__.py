@@ -97,6 +97,10 @@ def plan_growth(methods: list[str], src_args: ModelArgs, target_args: ModelArgs,
         after = method.plan(args, target_for_step, opts)
         steps.append((method, args, after))
         owned.update(method.fields)
+        # A field a method adjusted on purpose (exact's norm_eps = c * eps) is the target of the later methods
+        # too, so ['exact', 'zero'] plans like ['zero', 'exact'].
+        target_args = target_args.replace(**{f: getattr(after, f) for f in method.fields
+                                             if getattr(after, f) != getattr(target_for_step, f)})
         args = after
     ignore = {"use_grouped_mm", "max_seq_len", "z_loss_type", "init_std"}  # runtime choices, not weights
     for f in dataclasses.fields(ModelArgs):
