@@ -4,8 +4,9 @@
     python benchmarks/bench_growth.py --smoke            # seconds, one tiny synthetic checkpoint
     python benchmarks/bench_growth.py --cases synth_1b_fpi_x2 --rounds 3 --workdir /big/disk
 
-Variants, each in a fresh subprocess so that its peak RSS (getrusage ru_maxrss, the process high-water mark) is
-its own; time is measured inside the child from after its imports to the end of the work:
+Variants, each in a fresh subprocess so that its peak RSS is its own (VmHWM of /proc/self/status, the high-water
+mark of the process image; not getrusage's ru_maxrss, which on Linux starts a child at its parent's RSS at fork
+and keeps it through exec); time is measured inside the child from after its imports to the end of the work:
   grow       titan_aquila.grow.grow_checkpoint(cfg, out): read the source (read_model_state_dict), plan_growth +
              apply_growth with every LazyExperts materialised, write_model_checkpoint of the grown model
   load_save  read_model_state_dict(grown) + write_model_checkpoint(out, ...) of the grown checkpoint: the I/O a
@@ -53,9 +54,20 @@ FULL_CASES = "smollm2_fpi_x2,smollm2_upcycle_e8t2,synth_1b_fpi_x2,synth_1b_upcyc
 
 
 # ---- child: one variant in its own process -----------------------------------------------------------------
-def child(spec: dict) -> None:
+def peak_rss_mib() -> float:
+    """High-water resident set of this process image, MiB (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child(spec: dict) -> None:
     import torch
 
     import titan_aquila.growth.depth  # noqa: F401  (the method registry, imported before the clock starts)
@@ -71,7 +83,7 @@ def child(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     _, flavor, src_over, changes, methods = CASES[spec["case"]]
     target = {**src_over, **changes}
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_mib()
     t0 = time.perf_counter()
     if spec["variant"] == "grow":
         cfg = JobConfig()
@@ -84,11 +96,11 @@ def child(spec: dict) -> None:
         path = write_model_checkpoint(Path(spec["out"]), sd, read_checkpoint_args(spec["ref"]),
                                       {"source": spec["ref"]}, overwrite=True)
     seconds = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_mib()
     written = sum(m.size.numel() for k, m in dcp_keys(path).items()
                   if k.startswith("model.") and hasattr(m, "size") and not k.endswith("expert_bias"))
     print("RESULT " + json.dumps({
-        "seconds": seconds, "peak_rss_mib": peak_kib / 1024, "base_rss_mib": base_kib / 1024,
+        "seconds": seconds, "peak_rss_mib": peak, "base_rss_mib": base,
         "written_params": written, "saved_args_params": read_checkpoint_args(path).num_params(),
         "target_params": build_model_args(flavor, {**target, "z_loss_type": "router_lse"}).num_params(),
         "checkpoint_bytes": sum(f.stat().st_size for f in Path(path).iterdir())}), flush=True)

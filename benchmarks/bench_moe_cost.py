@@ -18,7 +18,9 @@ share of the MoE layer's time spent on routing / dispatch rather than in the exp
      dispatch  = layer - experts - router: permutation, un-permutation (index_add_), routing-weight scaling,
                counts and aux losses
    plus `experts_loop` (the same experts through the exact per-expert loop) for reference, the same pieces
-   forward only, and a torch.profiler table of the layer's top ops (self CPU time).
+   forward only, and a torch.profiler table of the layer's top ops (self CPU time) whose `gemm_share` is the
+   same split measured on one set of calls (the subtraction above differences separately timed variants, so
+   on a loaded box it is the noisier of the two).
 """
 
 from __future__ import annotations
@@ -144,6 +146,10 @@ def layer_pieces(moe_layer, a, bf16: bool) -> dict:
     prof = profile_ops(run_layer, a.top_ops, iters=3)
     print("  top ops (self CPU): " + ", ".join(f"{r['op']} {100 * r['share']:.0f}%" for r in prof["top_ops"][:8]),
           flush=True)
+    # The same split from the profiler's per-op self times of the very same calls (immune to load changes between
+    # variants): GEMMs are the experts' (CPU _grouped_mm runs one mm per group) plus the tiny router linear.
+    print(f"  profiler: GEMMs {100 * prof['gemm_share']:.0f}% of the layer's fwd+bwd self time, everything else "
+          f"(routing, dispatch, SwiGLU elementwise, aux) {100 * (1 - prof['gemm_share']):.0f}%", flush=True)
     out["profile"] = prof
     return out
 
@@ -160,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=1, help="timed steps per variant per round")
-    p.add_argument("--layer-reps", type=int, default=5, help="timed calls per layer piece per round")
+    p.add_argument("--layer-reps", type=int, default=10, help="timed calls per layer piece per round")
     p.add_argument("--top-ops", type=int, default=12)
     p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16; default fp32 (+ bf16 if native)")
     p.add_argument("--modes", default="eager", help="comma list of eager, compiled")

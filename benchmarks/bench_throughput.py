@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.profile = (not a.smoke) if a.profile is None else a.profile
     if a.smoke:
-        a.dim, a.layers, a.heads, a.kv_heads, a.ffn_dim, a.vocab, a.batch, a.seq, a.reps = 64, 2, 4, 2, 128, 512, 2, 32, 1
+        a.dim, a.layers, a.heads, a.kv_heads, a.ffn_dim = 64, 2, 4, 2, 128
+        a.vocab, a.batch, a.seq, a.reps = 512, 2, 32, 1
         a.modes = a.modes or "eager"
         a.dtypes = a.dtypes or "fp32,bf16"  # tiny shapes: bf16 is cheap even where it is emulated
     a.modes = a.modes or "eager,compiled"

@@ -7,6 +7,7 @@ frees tensors late (open upstream bug; cpu-facts trap 1). Every distributed entr
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from datetime import timedelta
@@ -75,6 +76,13 @@ def finish(code: int = 0) -> None:
     if dist.is_available() and dist.is_initialized():
         try:
             if code == 0:
+                dist.barrier()
+            elif code == 2 and dist.get_backend() == "gloo":
+                # A user mistake (exit 2) is hit by every rank alike, but only rank 0 prints it: wait for rank 0,
+                # else an early exit of another rank lets torchrun kill rank 0 before its message is out.
+                # Bounded, in case the mistake was rank-local after all.
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            elif code == 2:
                 dist.barrier()
             dist.destroy_process_group()
         except Exception:  # a peer already gone: still exit with our own code
