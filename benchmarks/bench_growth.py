@@ -55,16 +55,10 @@ FULL_CASES = "smollm2_fpi_x2,smollm2_upcycle_e8t2,synth_1b_fpi_x2,synth_1b_upcyc
 
 # ---- child: one variant in its own process -----------------------------------------------------------------
 def peak_rss_mib() -> float:
-    """High-water resident set of this process image, MiB (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+    """High-water resident set of this process image, MiB (metrics.peak_rss_bytes: VmHWM, not ru_maxrss)."""
+    from titan_aquila.metrics import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss_bytes() / 2 ** 20
 
 
 def child(spec: dict) -> None:

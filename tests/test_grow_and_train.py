@@ -11,6 +11,7 @@ One tiny dense run (module fixture) saves the source checkpoint; then
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,10 @@ def dense_checkpoint(tmp_path_factory) -> Path:
     return tmp / "dense" / "checkpoint"
 
 
-def _grow_and_train(tmp_path, source: Path, methods: list[str], overrides: dict, **sections):
+def _grow_and_train(tmp_path, source: Path, methods: list[str], overrides: dict, audit_steps: int = 2, **sections):
     cfg = tiny_config(tmp_path, "grown", overrides=overrides,
-                      growth={"enable": True, "source_path": str(source), "methods": methods, "audit_steps": 2},
+                      growth={"enable": True, "source_path": str(source), "methods": methods,
+                              "audit_steps": audit_steps},
                       **{**COMMON, **sections})
     rc, out, err = run_train(cfg, nproc=2, timeout=240)
     assert rc == 0, err[-3000:]
@@ -50,8 +52,12 @@ def _grow_and_train(tmp_path, source: Path, methods: list[str], overrides: dict,
 
 def test_train_py_grows_width_and_depth_on_two_ranks(tmp_path, dense_checkpoint):
     audit, out = _grow_and_train(tmp_path, dense_checkpoint, ["fpi", "zero"],
-                                 {"dim": 128, "n_heads": 8, "ffn_dim": 256, "n_layers": 3})
+                                 {"dim": 128, "n_heads": 8, "ffn_dim": 256, "n_layers": 3}, audit_steps=-1,
+                                 validation={"enable": True, "freq": 10, "steps": -1})
     assert audit["methods"] == "fpi -> zero" and "expert_load" not in audit
+    # audit_steps = -1 audits the whole validation set: as many tokens as a full validation pass
+    full = re.findall(r"validation loss [\d.]+ +\(([\d,]+) tokens\)", out)
+    assert full and audit["tokens"] == int(full[-1].replace(",", "")), (audit, full)
     assert "grown by fpi -> zero" in out
 
 

@@ -274,7 +274,7 @@ class Growth:
     audit: bool = True
     """Before training, evaluate source and grown model on validation data and log the loss difference."""
     audit_steps: int = 4
-    """Validation batches used by the growth audit."""
+    """Validation batches used by the growth audit; -1 = the whole validation set (as validation.steps)."""
 
 
 @dataclass
@@ -381,7 +381,7 @@ class JobConfig:
         need(g.router_init_std >= 0, "growth.router_init_std", ">= 0")
         need(0 <= g.drop_ratio <= 1, "growth.drop_ratio", "in [0, 1]")
         need(g.granularity >= 1, "growth.granularity", ">= 1")
-        need(g.audit_steps >= 1, "growth.audit_steps", ">= 1")
+        need(g.audit_steps >= 1 or g.audit_steps == -1, "growth.audit_steps", ">= 1, or -1 (all)")
         if errors:
             raise UserError("; ".join(errors))
 

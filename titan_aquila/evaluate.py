@@ -40,7 +40,7 @@ def validation_loss(model, batches, device, max_steps: int = -1, autocast=None, 
 
 
 @torch.no_grad()
-def growth_audit(src_model, grown_model, batches, device, max_steps: int, group=None) -> dict:
+def growth_audit(src_model, grown_model, batches, device, max_steps: int = -1, group=None) -> dict:
     """Losses of both models and the largest logit difference on the same batches (the grown model may be sharded:
     it is called like in training, on this rank's batches; the source is a plain local copy)."""
     src_model.eval()
@@ -48,7 +48,7 @@ def growth_audit(src_model, grown_model, batches, device, max_steps: int, group=
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # src loss sum, grown loss sum, tokens
     max_diff = torch.zeros((), dtype=torch.float64, device=device)
     for i, (inputs, labels) in enumerate(batches):
-        if i >= max_steps:
+        if 0 <= max_steps <= i:  # -1 = all batches
             break
         inputs, labels = inputs.to(device), labels.to(device)
         src_logits, _ = src_model(inputs)

@@ -37,7 +37,11 @@ def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False, log=print) ->
     t0 = time.time()
     src_sd = read_model_state_dict(src_dir)
     opts = growth_options(cfg)
-    dst_sd = {k: materialize(v).contiguous() for k, v in apply_growth(plan, src_sd, opts).items()}
+    grown = apply_growth(plan, src_sd, opts)
+    del src_sd  # the source tensors no output aliases are freed before the (largest) write phase
+    dst_sd = {}
+    for k in list(grown):  # pop as we go: a LazyExperts and its materialised copy are never both alive for long
+        dst_sd[k] = materialize(grown.pop(k)).contiguous()
     meta = {"source": str(src_dir.resolve()), "growth_methods": list(cfg.growth.methods),
             "growth": plan.describe(), "growth_seed": opts.seed, "growth_noise_std": opts.noise_std}
     path = write_model_checkpoint(out, dst_sd, plan.dst_args, meta, overwrite)

@@ -53,11 +53,24 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
     return measure_peak_flops(device, dtype), f"measured {dtype} 1024^3 GEMM on {torch.get_num_threads()} thread(s)"
 
 
+def peak_rss_bytes() -> int:
+    """High-water resident set of this process image (VmHWM of /proc/self/status). Not getrusage's ru_maxrss: on
+    Linux a child starts with its parent's peak at fork and keeps it through exec, so a torchrun worker would report
+    the launcher's peak until it outgrows it. ru_maxrss only where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def memory_gib(device: torch.device) -> float:
-    """Peak memory of this process: max allocated on CUDA, max resident set size on CPU."""
+    """Peak memory of this process: max allocated on CUDA, peak resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+    return peak_rss_bytes() / 2 ** 30
 
 
 class MetricsLogger:

@@ -120,33 +120,52 @@ class _Maps:
         self.k = k
 
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """Growth arithmetic runs in float32 (float64 for a float64 source): every output is a gathered weight times
+    at most one 1/multiplicity factor, exact for power-of-two multiplicities and within one float32 ulp otherwise,
+    at a quarter of float64's memory traffic (no widening copy). bf16/fp16 sources are widened so that the factors
+    are not rounded to 8 bits before the final cast."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scale_(w: torch.Tensor, factor: torch.Tensor, dim: int) -> torch.Tensor:
+    """In place: w * factor along `dim` (skipped when every factor is 1, the common integer-copy case)."""
+    if bool((factor == 1).all()):
+        return w
+    shape = [1] * w.dim()
+    shape[dim] = -1
+    return w.mul_(factor.to(w.dtype).view(shape))
+
+
 def _consume(w: torch.Tensor, g: UnitMap) -> torch.Tensor:
     """Columns (in-dimension) read the replicated stream: W[:, g(i)] / c_g(i) (zero on padding)."""
-    return w[:, g.src] * g.inv_mult
+    return _scale_(w.index_select(1, g.src), g.inv_mult, 1)
 
 
 def _produce(w: torch.Tensor, g: UnitMap) -> torch.Tensor:
     """Rows (out-dimension on the residual stream) are copied: W[g(i)] (zero on padding)."""
-    return w[g.src] * g.live[:, None]
+    return _scale_(w.index_select(0, g.src), g.live, 0)
 
 
 def _norm(w: torch.Tensor, m: _Maps, extra: float = 1.0) -> torch.Tensor:
-    return w[m.g.src] * m.g.live * (m.norm_scale / extra)
+    return w[m.g.src] * m.g.live.to(w.dtype) * (m.norm_scale / extra)
 
 
 def grow_layer(sd: dict, l: int, m: _Maps, bias: bool) -> dict[str, torch.Tensor]:
-    """FPI/exact tensors of layer l (names relative to `layers.{l}.`), computed in float64."""
+    """FPI/exact tensors of layer l (names relative to `layers.{l}.`), computed in _work_dtype."""
     p = f"layers.{l}."
-    get = lambda n: sd[p + n].double()  # noqa: E731
+    get = lambda n: sd[p + n].to(_work_dtype(sd[p + n]))  # noqa: E731
     out = {"attention_norm.weight": _norm(get("attention_norm.weight"), m),
            "ffn_norm.weight": _norm(get("ffn_norm.weight"), m),
-           "attention.wq.weight": _consume(get("attention.wq.weight")[m.q.src], m.g),
+           "attention.wq.weight": _consume(get("attention.wq.weight").index_select(0, m.q.src), m.g),
            "attention.wk.weight": _consume(get("attention.wk.weight"), m.g),
            "attention.wv.weight": _consume(get("attention.wv.weight"), m.g),
-           "attention.wo.weight": _produce(get("attention.wo.weight"), m.g)[:, m.q.src] * m.q.inv_mult,
-           "feed_forward.w1.weight": _consume(get("feed_forward.w1.weight")[m.h.src], m.g),
-           "feed_forward.w3.weight": _consume(get("feed_forward.w3.weight")[m.h.src], m.g),
-           "feed_forward.w2.weight": _produce(get("feed_forward.w2.weight"), m.g)[:, m.h.src] * m.h.inv_mult}
+           "attention.wo.weight": _scale_(_produce(get("attention.wo.weight"), m.g).index_select(1, m.q.src),
+                                          m.q.inv_mult, 1),
+           "feed_forward.w1.weight": _consume(get("feed_forward.w1.weight").index_select(0, m.h.src), m.g),
+           "feed_forward.w3.weight": _consume(get("feed_forward.w3.weight").index_select(0, m.h.src), m.g),
+           "feed_forward.w2.weight": _scale_(_produce(get("feed_forward.w2.weight"), m.g).index_select(1, m.h.src),
+                                             m.h.inv_mult, 1)}
     if bias:
         out["attention.wq.bias"] = get("attention.wq.bias")[m.q.src]
         out["attention.wk.bias"] = get("attention.wk.bias")
@@ -185,17 +204,19 @@ def apply_width(mode: str, a: ModelArgs, sd: dict, b: ModelArgs, opts: GrowthOpt
     dtype_of = {n: t.dtype for n, t in sd.items()}
     out: dict[str, torch.Tensor] = {}
     nxt = grow_layer(sd, 0, m, a.qkv_bias)
-    for l in range(a.n_layers):  # layer by layer: at most two float64 layers alive (AKI needs l+1)
+    for l in range(a.n_layers):  # layer by layer: at most two grown layers alive (AKI needs l+1)
         cur, nxt = nxt, (grow_layer(sd, l + 1, m, a.qkv_bias) if l + 1 < a.n_layers else None)
         layer = _aki_splice(cur, nxt, m) if mode == "aki" and nxt is not None else cur
         for n, t in layer.items():
             out[f"layers.{l}.{n}"] = t.to(dtype_of[f"layers.{l}.{n}"])
-    out["tok_embeddings.weight"] = (sd["tok_embeddings.weight"].double()[:, m.g.src] * m.g.live).to(
-        dtype_of["tok_embeddings.weight"])
-    out["norm.weight"] = _norm(sd["norm.weight"].double(), m, m.k if a.tie_embeddings else 1.0).to(
-        dtype_of["norm.weight"])
+    emb = sd["tok_embeddings.weight"]
+    out["tok_embeddings.weight"] = _scale_(emb.to(_work_dtype(emb)).index_select(1, m.g.src), m.g.live, 1).to(
+        emb.dtype)  # a producer copy along the hidden (column) dimension
+    norm = sd["norm.weight"]
+    out["norm.weight"] = _norm(norm.to(_work_dtype(norm)), m, m.k if a.tie_embeddings else 1.0).to(norm.dtype)
     if not a.tie_embeddings:
-        out["output.weight"] = _consume(sd["output.weight"].double(), m.g).to(dtype_of["output.weight"])
+        w = sd["output.weight"]
+        out["output.weight"] = _consume(w.to(_work_dtype(w)), m.g).to(w.dtype)
     missing = set(sd) - set(out)
     assert not missing, f"width growth dropped {sorted(missing)}"
     add_noise(out, list(out), opts)
