@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from _util import losses, run_train, tiny_config
+from _util import ROOT, losses, run_train, tiny_config
 
 COMMON = dict(training={"local_batch_size": 2, "seq_len": 32, "steps": 10, "seed": 7},
               optimizer={"lr": 3e-3}, lr_scheduler={"warmup_steps": 2})
@@ -84,3 +86,15 @@ def test_train_py_upcycles_on_two_ranks_and_the_validation_expert_load_moves(tmp
         moved.append(max(abs(a - b) for a, b in zip(start, end)))
     print(f"largest change of an expert's share of the validation tokens, per layer: {moved}")
     assert max(moved) > 0.01  # same tokens, trained router: the routing changed
+
+    # scripts/expert_load.py reports the same numbers from the same events
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "expert_load.py"), str(tmp_path / "grown" / "tb")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"over all layers: {max(moved):.4f}" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines()[1:3]]
+    assert [(row[0], row[1], float(row[2])) for row in rows] == [
+        ("0", "0->10", pytest.approx(moved[0], abs=1e-4)), ("1", "0->10", pytest.approx(moved[1], abs=1e-4))]
+    empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "expert_load.py"), str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and empty.stderr.startswith("error: no validation/moe/") and "Traceback" not in empty.stderr
