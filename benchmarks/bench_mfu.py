@@ -14,9 +14,11 @@ descheduled OpenMP thread on the shared box can make a single GEMM measurement 4
 median over rounds of each round's step FLOP/s / that round's peak. One step = zero_grad, forward, cross-entropy,
 backward, AdamW (common.train_step_fn). Models: common.llama_args (head_dim 64, GQA 2:1, FFN 8/3 dim).
 
-Caveat (CPUs without native bf16, e.g. this AVX2 box): the bf16 fallback GEMM is layout dependent (square
-a @ b ~0.9 GFLOP/s, a @ b.T as F.linear does ~5.6, a.T @ b ~13), and measure_peak_flops times a @ b, so the bf16
-"peak" is not a ceiling there and bf16 MFU can exceed 100%; bf16 is left out of the defaults on such CPUs.
+Caveat (CPUs without native bf16, e.g. an AVX2 box): the bf16 fallback GEMM is layout dependent (square
+a @ b ~0.9 GFLOP/s, a @ b.T as F.linear does ~5.6, a.T @ b ~13, which autograd's weight gradient can hit), and
+measure_peak_flops takes the best of a @ b and F.linear only, so the bf16 "peak" is not a ceiling there and bf16
+MFU can exceed 100%; bf16 is left out of the defaults on such CPUs. With native bf16 (AVX512-BF16/AMX) the layouts
+differ less (a @ b 108, F.linear 190 GFLOP/s on one thread of one such box).
 
 Also checks the FLOP model: torch.utils.flop_counter counts the matmul FLOPs of one real step, compared with
 the analytic matmul part (flops_per_token minus the attention-score term, which the counter does not see on CPU
