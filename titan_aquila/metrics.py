@@ -63,11 +63,12 @@ def peak_rss_bytes() -> int:
     Linux a child starts with its parent's peak at fork and keeps it through exec, so a torchrun worker would report
     the launcher's peak until it outgrows it. ru_maxrss only where /proc is missing."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # no /proc
+        status = ""
+    hwm = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
+    if hwm:
+        return int(hwm[0]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
