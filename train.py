@@ -61,15 +61,16 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
 
     import torch
 
-    from titan_aquila.checkpoint import CheckpointManager, resolve_growth
-    from titan_aquila.data import build_dataloader, build_validation_dataloader
+    from titan_aquila.checkpoint.manager import CheckpointManager, resolve_growth
+    from titan_aquila.data.dataset import build_dataloader, build_validation_dataloader
     from titan_aquila.evaluate import validation_loss
+    from titan_aquila.growth.audit import run_growth_audit
     from titan_aquila.metrics import MetricsLogger, device_peak_flops
     from titan_aquila.models.aquila import build_model
     from titan_aquila.optim import build_lr_scheduler, build_optimizer
     from titan_aquila.parallel.dist_utils import init_distributed
     from titan_aquila.parallel.parallelize import parallelize_model
-    from titan_aquila.tokenizer import Tokenizer
+    from titan_aquila.data.tokenizer import Tokenizer
     from titan_aquila.train_utils import (collect_expert_load, full_grad_norm, load_fractions, reduce_mean,
                                           training_loss, update_expert_bias)
 
@@ -113,7 +114,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
                              dp_rank=dp_rank, dp_degree=dp_degree)
     start = ckpt.load()  # last checkpoint of this job > checkpoint.initial_load_path > grown source > fresh
     if audit and start == 0:
-        audit = run_growth_audit(cfg, plan, model, val_loader, device, dp_group)
+        audit = run_growth_audit(cfg, plan, model, val_loader, device, dp_group, log=log)
 
     autocast_dtype = {"": None, "bfloat16": torch.bfloat16}[t.autocast_dtype]
     peak, peak_desc = device_peak_flops(device, autocast_dtype or torch.float32)
@@ -189,31 +190,6 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     finally:
         metrics.close()
     return 0
-
-
-def run_growth_audit(cfg, plan, model, val_loader, device, dp_group) -> dict:
-    """Source vs freshly grown model on the same held-out batches, before any update (logged, and saved to
-    <dump_folder>/growth_audit.json): a function-preserving growth shows equal losses and ~0 logit difference."""
-    from titan_aquila.checkpoint_io import read_model_state_dict, resolve_checkpoint_dir
-    from titan_aquila.evaluate import growth_audit, write_audit
-    from titan_aquila.models.aquila import build_model
-    from titan_aquila.train_utils import collect_expert_load, load_fractions
-
-    src = build_model(plan.src_args, device="cpu")
-    src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(cfg.growth.source_path)), strict=True)
-    audit = {"methods": plan.describe(), **growth_audit(src.to(device), model, val_loader, device,
-                                                        cfg.growth.audit_steps, group=dp_group)}
-    # The grown model's expert counts from the audit batches (also resets them before training step 1).
-    fracs = load_fractions(collect_expert_load(model, dp_group))
-    if fracs:
-        audit["expert_load"] = {str(layer): f for layer, f in fracs.items()}
-    used = [sum(x > 0 for x in f) for f in fracs.values()]
-    log(f"growth audit ({audit['methods']}): source loss {audit['source_loss']:.4f}  grown loss "
-        f"{audit['grown_loss']:.4f}  max |logit diff| {audit['max_logit_diff']:.3e}"
-        f"{f'  experts used per MoE layer {min(used)}..{max(used)} of {plan.dst_args.n_experts}' if used else ''}")
-    if world_info()[0] == 0:
-        write_audit(cfg.job.dump_folder, audit)
-    return audit
 
 
 def main(argv: list[str]) -> None:

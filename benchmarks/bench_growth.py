@@ -7,7 +7,7 @@
 Variants, each in a fresh subprocess so that its peak RSS is its own (VmHWM of /proc/self/status, the high-water
 mark of the process image; not getrusage's ru_maxrss, which on Linux starts a child at its parent's RSS at fork
 and keeps it through exec); time is measured inside the child from after its imports to the end of the work:
-  grow       titan_aquila.grow.grow_checkpoint(cfg, out): read the source (read_model_state_dict), plan_growth +
+  grow       titan_aquila.growth.loader.grow_checkpoint(cfg, out): read the source (read_model_state_dict), plan_growth +
              apply_growth with every LazyExperts materialised, write_model_checkpoint of the grown model
   load_save  read_model_state_dict(grown) + write_model_checkpoint(out, ...) of the grown checkpoint: the I/O a
              grow cannot avoid (its output must be written; its input is smaller than its output)
@@ -67,10 +67,10 @@ def child(spec: dict) -> None:
     import titan_aquila.growth.depth  # noqa: F401  (the method registry, imported before the clock starts)
     import titan_aquila.growth.upcycle  # noqa: F401
     import titan_aquila.growth.width  # noqa: F401
-    from titan_aquila.checkpoint_io import (dcp_keys, read_checkpoint_args, read_model_state_dict,
+    from titan_aquila.checkpoint.storage import (dcp_keys, read_checkpoint_args, read_model_state_dict,
                                             write_model_checkpoint)
     from titan_aquila.config import JobConfig
-    from titan_aquila.grow import grow_checkpoint
+    from titan_aquila.growth.loader import grow_checkpoint
     from titan_aquila.models.args import build_model_args
 
     if spec["threads"]:
@@ -128,7 +128,7 @@ def make_source(case: str, work: Path) -> Path | None:
         return out
     import torch
 
-    from titan_aquila.checkpoint_io import write_model_checkpoint
+    from titan_aquila.checkpoint.storage import write_model_checkpoint
     from titan_aquila.models.aquila import build_model
     from titan_aquila.models.args import build_model_args
 

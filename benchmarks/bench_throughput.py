@@ -9,7 +9,7 @@ output_router_logits=False, so ours does strictly more work), backward, torch.op
   dense: ours vs HF LlamaForCausalLM (attn_implementation="sdpa")
   moe:   ours E8 top-2 vs HF MixtralForCausalLM (sdpa; transformers' default experts implementation, which is
          "grouped_mm" in transformers 5), and vs the same with the per-expert loop ("eager" experts) for reference.
-Both models hold identical weights (copied through titan_aquila.hf), so max_logit_diff checks they compute the same
+Both models hold identical weights (copied through titan_aquila.convert.hf_map), so max_logit_diff checks they compute the same
 function. "compiled" = torch.compile of every decoder block, for both models (the trainer's per-block strategy).
 speedup = median over rounds of HF step time / our step time, variants interleaved in one process.
 Targets: dense >= 1.5x, MoE >= 2x. After the timing, one step of each model runs under torch.profiler

@@ -182,7 +182,7 @@ def build_hf_twin(ours, model_args):
     """HF LlamaForCausalLM / MixtralForCausalLM (sdpa attention, HF's default experts implementation) holding the
     same weights as `ours`, so both compute the same function (checked by `max_logit_diff`)."""
     import transformers
-    from titan_aquila.hf import export_arch, hf_config, titan_to_hf
+    from titan_aquila.convert.hf_map import export_arch, hf_config, titan_to_hf
 
     transformers.logging.set_verbosity_error()
     arch = export_arch(model_args)

@@ -116,7 +116,7 @@ def _once_per_process() -> None:
     import functools
 
     import titan_aquila.metrics as metrics
-    import titan_aquila.tokenizer as tokenizer
+    import titan_aquila.data.tokenizer as tokenizer
 
     if not hasattr(tokenizer.Tokenizer, "cache_info"):
         tokenizer.Tokenizer = functools.lru_cache(maxsize=None)(tokenizer.Tokenizer)
@@ -229,10 +229,10 @@ def initial_val_loss(cfg, args) -> float:
     the fresh init of train.py (same seed), evaluated on the same batches as its validation."""
     import torch
 
-    from titan_aquila.data import build_validation_dataloader
+    from titan_aquila.data.dataset import build_validation_dataloader
     from titan_aquila.evaluate import validation_loss
     from titan_aquila.models.aquila import build_model
-    from titan_aquila.tokenizer import Tokenizer
+    from titan_aquila.data.tokenizer import Tokenizer
 
     v = cfg.validation
     loader = build_validation_dataloader(v.dataset_path, Tokenizer(cfg.model.tokenizer_path), cfg.training.seq_len,
@@ -247,7 +247,7 @@ def run_stage(name: str, cfg_dict: dict, a, *, init_val: float | None = None, re
     run starts from a checkpoint without growth (the loaded model's known loss)."""
     reuse, verbose = a.reuse if reuse is None else reuse, a.verbose
     import train as train_py
-    from titan_aquila.checkpoint import resolve_growth
+    from titan_aquila.checkpoint.manager import resolve_growth
     from titan_aquila.config import load_job_config
 
     run_dir = Path(cfg_dict["job"]["dump_folder"])

@@ -159,7 +159,7 @@ def build_fixture(root: Path, out: Path) -> dict[str, str]:
 
 
 def build(out: Path, debs: Path | None) -> None:
-    from titan_aquila.tokenizer import convert_gguf_vocab, smollm2_gguf_path
+    from titan_aquila.data.tokenizer import convert_gguf_vocab, smollm2_gguf_path
 
     with tempfile.TemporaryDirectory() as tmp:
         build_fixture(fetch_debs(FIXTURE_DEBS, Path(tmp), debs), out)

@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,39 +35,3 @@ def validation_loss(model, batches, device, max_steps: int = -1, autocast=None, 
     model.train(was_training)
     _all_reduce(total, group=group)
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan"), int(total[1].item())
-
-
-@torch.no_grad()
-def growth_audit(src_model, grown_model, batches, device, max_steps: int = -1, group=None) -> dict:
-    """Losses of both models and the largest logit difference on the same batches (the grown model may be sharded:
-    it is called like in training, on this rank's batches; the source is a plain local copy)."""
-    src_model.eval()
-    grown_model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # src loss sum, grown loss sum, tokens
-    max_diff = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (inputs, labels) in enumerate(batches):
-        if 0 <= max_steps <= i:  # -1 = all batches
-            break
-        inputs, labels = inputs.to(device), labels.to(device)
-        src_logits, _ = src_model(inputs)
-        dst_logits, _ = grown_model(inputs)
-        flat = labels.flatten()
-        sums[0] += F.cross_entropy(src_logits.float().flatten(0, 1), flat, reduction="sum").double()
-        sums[1] += F.cross_entropy(dst_logits.float().flatten(0, 1), flat, reduction="sum").double()
-        sums[2] += flat.numel()
-        max_diff = torch.maximum(max_diff, (dst_logits.float() - src_logits.float()).abs().max().double())
-    grown_model.train()
-    _all_reduce(sums, group=group)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(max_diff, op=dist.ReduceOp.MAX, group=group)
-    return {"source_loss": (sums[0] / sums[2]).item(), "grown_loss": (sums[1] / sums[2]).item(),
-            "max_logit_diff": max_diff.item(), "tokens": int(sums[2].item())}
-
-
-def write_audit(folder: str | Path, audit: dict) -> Path:
-    path = Path(folder) / "growth_audit.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(audit, indent=2) + "\n")
-    tmp.replace(path)
-    return path

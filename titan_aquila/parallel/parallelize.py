@@ -24,7 +24,7 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
     """Apply every configured feature; a single process gets float8/AC/compile only."""
     validate_parallelize(model.args, dims, cfg)
     if cfg.float8.enable:
-        from titan_aquila.parallel.float8 import apply_float8
+        from titan_aquila.quantization.float8 import apply_float8
 
         apply_float8(model, cfg)
     if dims.tp_enabled:
@@ -64,7 +64,7 @@ def validate_parallelize(args, dims: ParallelDims, cfg) -> None:
 
         validate_ep(args, dims.ep)
     if cfg.float8.enable:
-        from titan_aquila.parallel.float8 import validate_float8
+        from titan_aquila.quantization.float8 import validate_float8
 
         validate_float8(cfg.float8)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from titan_aquila import config_parse
+from titan_aquila.config import parse as config_parse
 from titan_aquila.config import JobConfig, help_text, load_job_config, print_help
 from titan_aquila.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str, name: str = "x.toml") -> str:

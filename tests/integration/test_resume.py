@@ -6,7 +6,7 @@
 - A process SIGKILLed in the middle of a save (TITAN_AQUILA_TEST_KILL_DURING_SAVE) leaves a tmp folder that is never
   loaded; the restarted run ends bit-identical to an uninterrupted one.
 - End to end with train.py (skipped until train.py and train_configs/debug_model.toml exist).
-Workers are this file run as a script (`python tests/test_resume.py SCENARIO ...`).
+Workers are this file run as a script (`python tests/integration/test_resume.py SCENARIO ...`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_EXPERTS = 4
 
 
@@ -38,7 +38,7 @@ def _setup(world: int, out: Path, seed: int, args=None, interval: int = 2):
     import torch.distributed as dist
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from titan_aquila.checkpoint import CheckpointManager
+    from titan_aquila.checkpoint.manager import CheckpointManager
     from titan_aquila.config import JobConfig
     from titan_aquila.models.aquila import build_model
 
@@ -136,14 +136,14 @@ def worker(scenario: str, out: Path) -> dict:
         target = _args().replace(moe_ffn_dim=_args().ffn_dim)  # copies of the dense FFN
         model, opt, sched, dl, ckpt, cfg = _setup(world, out / "grown", seed=3, args=target)
         cfg.growth.enable, cfg.growth.methods, cfg.growth.source_path = True, ["test_copy_upcycle"], str(out / "src")
-        from titan_aquila.checkpoint import resolve_growth
+        from titan_aquila.checkpoint.manager import resolve_growth
 
         plan = resolve_growth(cfg, target)
         assert plan.dst_args == target
         assert ckpt.load() == 0
         return {"built": sorted(set(built)), "n_built": len(built), "logits": _probe(model)}
     if scenario == "dense_src":
-        from titan_aquila.checkpoint_io import write_model_checkpoint
+        from titan_aquila.checkpoint.storage import write_model_checkpoint
         from titan_aquila.models.aquila import build_model
 
         dense = _args().replace(n_experts=0)
@@ -189,7 +189,6 @@ def _worker_main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     _worker_main()
 
 
@@ -209,7 +208,8 @@ def launch(scenario: str, out: Path, world: int, env: dict | None = None, expect
     procs = []
     for rank in range(world):
         e = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(env or {})}
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": str(REPO), **(env or {})}
         procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(out)], env=e, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -319,7 +319,7 @@ def _train(folder: Path, steps: int, env=None, kill_when=None):
            "--training.steps", str(steps), "--training.seq_len", "32", "--training.local_batch_size", "2",
            "--checkpoint.enable", "true", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0",
            "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false"]
-    p = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+    p = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     if kill_when is None:
         stdout = p.communicate(timeout=600)[0]
@@ -338,7 +338,7 @@ def _train(folder: Path, steps: int, env=None, kill_when=None):
 @pytest.mark.skipif(not (TRAIN.exists() and DEBUG_TOML.exists()), reason="needs train.py and "
                     "train_configs/debug_model.toml (trainer helper)")
 def test_train_py_resume_after_sigkill_is_bit_exact(tmp_path):
-    from titan_aquila.checkpoint_io import read_model_state_dict
+    from titan_aquila.checkpoint.storage import read_model_state_dict
 
     steps = 12
     ref_losses = _train(tmp_path / "ref", steps)

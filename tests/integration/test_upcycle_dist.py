@@ -1,12 +1,12 @@
 """Upcycling on 2 real gloo ranks: FSDP2-sharded MoE loaded from the lazy upcycled state dict.
 
-1. `test_sharded_upcycled_model_equals_dense`: this file is also the worker (`torchrun ... tests/test_upcycle_dist.py
+1. `test_sharded_upcycled_model_equals_dense`: this file is also the worker (`torchrun ... tests/integration/test_upcycle_dist.py
    OUT.json`). Each rank builds the dense model (same seed), upcycles its state dict (8 experts, top-2, Mixtral
    routing; with and without Drop-Upcycling), `fully_shard`s the MoE model (dim-0 shards: rank 0 holds experts 0..3,
    rank 1 experts 4..7) and writes the lazy state dict with `load_model_weights`. Checked: sharded logits = dense
    logits (r = 0, <= 1e-5), the full (unsharded) r = 0.5 weights gathered from the shards = the weights one process
    builds, and each rank called `LazyExperts.make` only for its own experts, once per expert per matrix per layer.
-(train.py growing and upcycling on 2 ranks: tests/test_grow_and_train.py.)
+(train.py growing and upcycling on 2 ranks: tests/integration/test_grow_and_train.py.)
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-
-import pytest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+import pytest
 import torch  # noqa: E402
 
 E, K, LAYERS = 8, 2, 2
@@ -34,7 +31,7 @@ def _worker(out_path: str) -> int:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from titan_aquila.checkpoint_weights import load_model_weights
+    from titan_aquila.checkpoint.weights import load_model_weights
     from titan_aquila.growth import GrowthOptions, LazyExperts, apply_growth, materialize, plan_growth
     from titan_aquila.models.args import ModelArgs
     from titan_aquila.models.aquila import build_model

@@ -109,7 +109,7 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 
 def import_gguf(out: str | Path, gguf_path: str | Path | None = None, overwrite: bool = False, log=print) -> Path:
     """GGUF -> DCP checkpoint OUT/step-0 (float32) with model_args.json."""
-    from titan_aquila.checkpoint_io import check_output_folder, write_model_checkpoint
+    from titan_aquila.checkpoint.storage import check_output_folder, write_model_checkpoint
 
     check_output_folder(Path(out), overwrite)
     src = Path(gguf_path) if gguf_path else default_gguf_path()

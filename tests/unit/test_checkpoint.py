@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from titan_aquila.checkpoint import CheckpointManager, read_checkpoint_args
-from titan_aquila.checkpoint_io import from_blob, latest_checkpoint, read_model_state_dict, to_blob
+from titan_aquila.checkpoint.manager import CheckpointManager, read_checkpoint_args
+from titan_aquila.checkpoint.storage import from_blob, latest_checkpoint, read_model_state_dict, to_blob
 from titan_aquila.config import JobConfig
 from titan_aquila.errors import UserError
 from titan_aquila.models.args import ModelArgs
@@ -169,7 +169,7 @@ def _register_test_upcycle():
 
 
 def test_growth_hook_builds_the_grown_model(tmp_path):
-    from titan_aquila.checkpoint import resolve_growth
+    from titan_aquila.checkpoint.manager import resolve_growth
 
     built = _register_test_upcycle()
     src = Trainer(make_cfg(tmp_path / "src"))
@@ -231,7 +231,7 @@ def test_bad_inputs_one_line_user_errors(tmp_path):
     cfg.growth.enable, cfg.growth.methods = True, ["test_copy_upcycle"]
     cfg.growth.source_path = str(tmp_path / "noargs")
     _register_test_upcycle()
-    from titan_aquila.checkpoint import resolve_growth
+    from titan_aquila.checkpoint.manager import resolve_growth
 
     with pytest.raises(UserError, match="model_args.json is missing"):
         resolve_growth(cfg, ARGS.replace(n_experts=4))

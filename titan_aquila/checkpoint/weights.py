@@ -1,4 +1,4 @@
-"""Write a full (or lazy) state dict into a possibly sharded model, and the growth hook of the initial load.
+"""Write a full (or lazy) state dict into a possibly sharded model, each rank building only its local shards.
 
 For a parameter that is a DTensor (FSDP2 / TP / EP), each rank builds only its local shard: the shard's global
 offset and shape come from `compute_local_shape_and_global_offset(global_shape, mesh, placements)`; a plain
@@ -7,22 +7,18 @@ tensor is narrowed to that box, and a `LazyExperts` value builds only the expert
 
     plan = resolve_growth(cfg, target_args)            # before the model is built: plan.dst_args is the shape
     model = build_model(plan.dst_args if plan else target_args, "meta") ...
-    CheckpointManager(...).load()                       # reads the source, applies the plan, load_model_weights
+    load_model_weights(model, state_dict)              # full or LazyExperts values -> local shards
 """
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from titan_aquila.checkpoint_io import (args_diff, check_integrity, read_checkpoint_args, read_model_state_dict,
-                                        resolve_checkpoint_dir)
 from titan_aquila.errors import UserError
 from titan_aquila.growth.lazy import LazyExperts, materialize
-from titan_aquila.models.args import ModelArgs
 
 
 def _is_strided(placement) -> bool:
@@ -72,48 +68,3 @@ def load_model_weights(model: torch.nn.Module, sd: dict) -> None:
         else:
             new[name] = materialize(value).to(device=like.device, dtype=like.dtype)
     set_model_state_dict(model, new, options=StateDictOptions(strict=True))
-
-
-# ---- growth -------------------------------------------------------------------------------------------------
-def growth_options(cfg):
-    """GrowthOptions from the `[growth]` config section (fields with the same names)."""
-    from titan_aquila.growth import GrowthOptions
-
-    names = {f.name for f in dataclasses.fields(GrowthOptions)}
-    return GrowthOptions(**{k: v for k, v in dataclasses.asdict(cfg.growth).items() if k in names})
-
-
-def resolve_growth(cfg, target_args: ModelArgs):
-    """The validated GrowthPlan (or None when growth is off). Call it BEFORE building the model: the model must
-    be built from `plan.dst_args` (a method may adjust fields it owns). The source shape is read from the
-    source checkpoint's model_args.json, so a stage never restates it."""
-    from titan_aquila.growth import plan_growth
-
-    g = cfg.growth
-    if not g.enable:
-        return None
-    if not g.source_path:
-        raise UserError("growth.enable is true but growth.source_path is not set")
-    if cfg.checkpoint.initial_load_path:
-        raise UserError("set either checkpoint.initial_load_path or growth.enable (growth.source_path), not both")
-    src_args = read_checkpoint_args(g.source_path)
-    return plan_growth(list(g.methods), src_args, target_args, growth_options(cfg))
-
-
-def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=None, log=print) -> None:
-    """Read the source checkpoint (every rank reads the small source in full), grow it, write the local shards."""
-    from titan_aquila.growth import apply_growth
-
-    plan = plan if plan is not None else resolve_growth(cfg, model_args)
-    diff = args_diff(plan.dst_args, model_args)
-    if diff:
-        raise UserError("the model was not built from the growth plan's dst_args (build it from "
-                        "resolve_growth(cfg, args).dst_args); differs in " +
-                        ", ".join(f"{k} ({a} vs {b})" for k, a, b in diff))
-    src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
-    check_integrity(src_dir)
-    src_sd = read_model_state_dict(src_dir)
-    log(f"growing {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> "
-        f"{plan.dst_args.num_params():,} parameters")
-    dst_sd = apply_growth(plan, src_sd, growth_options(cfg))
-    load_model_weights(model, dst_sd)

@@ -27,7 +27,7 @@ from titan_aquila.growth.drop_upcycle import UNIT_AXIS, DropPlan, drop_plan, dro
 from titan_aquila.models.args import ModelArgs
 from titan_aquila.models.aquila import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=128, max_seq_len=64, init_std=0.1)
 TOL = 1e-5
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -220,8 +220,8 @@ def test_experts_are_built_independently_and_deterministically():
 def test_upcycled_model_exports_to_mixtral_with_the_same_logits(r, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from titan_aquila.checkpoint_io import write_model_checkpoint
-    from titan_aquila.convert import export_hf
+    from titan_aquila.checkpoint.storage import write_model_checkpoint
+    from titan_aquila.convert.hf import export_hf
 
     src, dense = dense_model()
     dst, sd = upcycle(src, dense.state_dict(), GrowthOptions(drop_ratio=r), n_experts=4, top_k=2)
@@ -302,7 +302,7 @@ CONFIGS = {  # config -> source model (what growth.source_path holds)
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_shipped_configs_plan_and_match_the_target_shapes(name):
-    from titan_aquila.checkpoint_weights import growth_options
+    from titan_aquila.growth.loader import growth_options
     from titan_aquila.config import load_job_config
     from titan_aquila.models.args import build_model_args
 

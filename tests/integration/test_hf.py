@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from titan_aquila.checkpoint_io import read_checkpoint_args, read_model_state_dict, write_model_checkpoint
-from titan_aquila.convert import export_hf, import_hf
+from titan_aquila.checkpoint.storage import read_checkpoint_args, read_model_state_dict, write_model_checkpoint
+from titan_aquila.convert.hf import export_hf, import_hf
 from titan_aquila.models.args import ModelArgs
 from titan_aquila.models.aquila import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                 reason="transformers not installed (test extra: pip install -e .[test])")
 TOL = 1e-5

@@ -10,15 +10,14 @@ under each field is its `--help` text. The mechanism (types, TOML/CLI merging, h
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from titan_aquila import config_parse as cp
-from titan_aquila.errors import UserError, exit_on_user_error
+from titan_aquila.config import parse as cp
+from titan_aquila.errors import UserError
 
 
 @dataclass
@@ -411,14 +410,3 @@ def load_job_config(argv: list[str] | None = None, prog: str | None = None) -> J
         setattr(getattr(cfg, opt.section), opt.name, value)
     cfg.validate()
     return cfg
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m titan_aquila.config [options]`: print the resolved config as JSON (or `--help`)."""
-    with exit_on_user_error():
-        cfg = load_job_config(argv, prog="python -m titan_aquila.config")
-        print(json.dumps(cfg.to_dict(), indent=2))
-
-
-if __name__ == "__main__":
-    main()

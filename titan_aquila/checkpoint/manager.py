@@ -22,7 +22,7 @@ changed the data loader restarts from the beginning of the data (a message says 
 
 Test hook: env TITAN_AQUILA_TEST_KILL_DURING_SAVE=N makes the process SIGKILL itself while saving step N, after
 the DCP shards are written but before the JSON files and the commit rename: the half-written step-N.tmp-* must
-never be loaded (tests/test_resume.py).
+never be loaded (tests/integration/test_resume.py).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from titan_aquila.checkpoint_io import (JOB_CONFIG, METADATA, MODEL_ARGS, args_diff, check_integrity, commit,
+from titan_aquila.checkpoint.storage import (JOB_CONFIG, METADATA, MODEL_ARGS, args_diff, check_integrity, commit,
                                         dcp_keys, from_blob, latest_checkpoint, prune, read_checkpoint_args,
                                         read_json, remove_stale_tmp, resolve_checkpoint_dir, to_blob, write_json)
-from titan_aquila.checkpoint_weights import load_grown_weights, load_model_weights, resolve_growth  # noqa: F401
+from titan_aquila.checkpoint.weights import load_model_weights
+from titan_aquila.growth.loader import load_grown_weights, resolve_growth  # noqa: F401
 from titan_aquila.errors import UserError
 from titan_aquila.models.args import ModelArgs
 

