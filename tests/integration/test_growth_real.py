@@ -116,7 +116,7 @@ methods = ["fpi"]
     print(f"\ngrow CLI fpi x2: max|dlogit| = {diff:.2e}")
     assert diff <= 1e-4
     # refuses to overwrite; bad methods and shrinking are one-line errors with exit code 2 (in-process: fast)
-    from titan_aquila.growth.loader import main
+    from titan_aquila.growth.__main__ import main
 
     def run_main(*argv):
         with pytest.raises(SystemExit) as e:
