@@ -23,9 +23,12 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import importlib.util
+import json
 import os
 import sys
+import unicodedata
 from pathlib import Path
 
 from titan_aquila.errors import UserError, exit_on_user_error
@@ -35,7 +38,6 @@ VOCAB_SIZE = 49152
 NUM_CONTROL_TOKENS = 17
 # Bytes that no SmolLM2 token covers; tiktoken panics (a BaseException) on them, HF silently drops them.
 MISSING_BYTES = "\x04\x06\x13\x14\x16\x1d"
-_STRIP = str.maketrans("", "", MISSING_BYTES)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOKENIZER = REPO_ROOT / "assets" / "tokenizer" / "smollm2.tiktoken"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,62 +76,98 @@ def load_ranks(path: Path) -> dict[bytes, int]:
 
 
 class Tokenizer:
-    """encode/decode with SmolLM2's vocabulary (49,152 ids). `eos_id` (0) separates packed documents."""
+    """encode/decode with a byte-level BPE vocabulary: the shipped SmolLM2 `.tiktoken` file (49,152 ids), or an HF
+    `tokenizer.json` (a file, or a folder holding one; converted by `data/hf_tokenizer.py`). `eos_id` separates
+    packed documents; `fingerprint` is a stable hash of what decides the ids (ranks, special tokens, split regex,
+    normalizer), equal for equal tokenizers wherever their files lie."""
 
     def __init__(self, path: str | os.PathLike = DEFAULT_TOKENIZER):
         import tiktoken
 
-        path = resolve_tokenizer_path(path)
-        if not path.is_file():
-            raise UserError(f"tokenizer file not found: {path} (model.tokenizer_path; the shipped one is "
-                            f"assets/tokenizer/smollm2.tiktoken)")
-        ranks = load_ranks(path)
-        ids = sorted(ranks.values())
-        if ids != list(range(NUM_CONTROL_TOKENS, VOCAB_SIZE)):
-            raise UserError(f"tokenizer file {path} has {len(ranks)} byte tokens with ranks "
-                            f"{ids[0] if ids else '-'}..{ids[-1] if ids else '-'}; expected the SmolLM2 vocabulary: "
-                            f"ranks {NUM_CONTROL_TOKENS}..{VOCAB_SIZE - 1}, each once")
-        specials = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+        path = tokenizer_file(path)
         self.path = path
-        self.encoding = tiktoken.Encoding(name=path.stem, pat_str=PAT_STR, mergeable_ranks=ranks,
-                                          special_tokens=specials)
-        self.vocab_size = self.encoding.n_vocab
-        assert self.vocab_size == VOCAB_SIZE
-        self.eos_id = specials["<|endoftext|>"]  # document separator for pretraining
-        self.bos_id = specials["<|im_start|>"]
-        self.im_end_id = specials["<|im_end|>"]
+        self.im_end_id = None
+        if path.suffix == ".json":
+            from titan_aquila.data.hf_tokenizer import load_hf_tokenizer
 
-    @staticmethod
-    def clean(text: str) -> str:
-        """`text` without the six bytes the vocabulary cannot represent (what encode/decode round-trips to)."""
-        return text.translate(_STRIP)
+            parts = load_hf_tokenizer(path)
+            ranks, specials, pat = parts["mergeable_ranks"], parts["special_tokens"], parts["pat_str"]
+            self.normalizer, strip = parts["normalizer"], parts["strip"]
+            self.eos_id, self.bos_id = parts["eos_id"], parts["bos_id"]
+            self.eos_token, self.pad_token = parts["eos_token"], parts["pad_token"]
+        else:
+            ranks = load_ranks(path)
+            ids = sorted(ranks.values())
+            if ids != list(range(NUM_CONTROL_TOKENS, VOCAB_SIZE)):
+                raise UserError(f"tokenizer file {path} has {len(ranks)} byte tokens with ranks "
+                                f"{ids[0] if ids else '-'}..{ids[-1] if ids else '-'}; expected the SmolLM2 "
+                                f"vocabulary: ranks {NUM_CONTROL_TOKENS}..{VOCAB_SIZE - 1}, each once")
+            specials, pat, self.normalizer, strip = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}, PAT_STR, None, \
+                MISSING_BYTES
+            self.eos_id = specials["<|endoftext|>"]  # document separator for pretraining
+            self.bos_id = specials["<|im_start|>"]
+            self.im_end_id = specials["<|im_end|>"]
+            self.eos_token, self.pad_token = "<|im_end|>", "<|im_end|>"  # the Instruct GGUF's eos (and pad)
+        self._strip = str.maketrans("", "", strip)
+        self.encoding = tiktoken.Encoding(name=path.stem, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
+        self.vocab_size = self.encoding.n_vocab
+        self.special_tokens = dict(specials)
+        self.fingerprint = _fingerprint(pat, ranks, specials, self.normalizer, strip)
+
+    def _prepare(self, text: str) -> str:
+        if self.normalizer == "NFC":
+            text = unicodedata.normalize("NFC", text)
+        return text.translate(self._strip)
+
+    def clean(self, text: str) -> str:
+        """`text` as encode sees it: normalised, without the bytes the vocabulary cannot represent (what
+        encode/decode round-trips to)."""
+        return self._prepare(text)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`; `bos`/`eos` prepend `bos_id` / append `eos_id`."""
-        ids = self.encoding.encode_ordinary(text.translate(_STRIP))
+        ids = self.encoding.encode_ordinary(self._prepare(text))
+        if bos and self.bos_id is None:
+            raise UserError(f"tokenizer {self.path} has no bos token")
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of many documents at once (tiktoken spreads them over threads)."""
-        return self.encoding.encode_ordinary_batch([t.translate(_STRIP) for t in texts])
+        return self.encoding.encode_ordinary_batch([self._prepare(t) for t in texts])
 
     def decode(self, ids) -> str:
         """Text of `ids` (a list or a 1-D tensor); byte sequences that are not UTF-8 become U+FFFD."""
         return self.encoding.decode([int(i) for i in ids])
 
+    def token_id(self, text: str | None) -> int | None:
+        """Id of a special token by its text (None for None)."""
+        return None if text is None else self.special_tokens.get(text)
 
-def _unicode_to_bytes() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to chr(256 + n)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + n)] = b
-            n += 1
-    return chars
+
+def _fingerprint(pat: str, ranks: dict[bytes, int], specials: dict[str, int], normalizer, strip: str) -> str:
+    """sha256 over the canonical form of everything that decides the ids (not over file bytes: the same
+    vocabulary as .tiktoken or as tokenizer.json, or re-serialised, hashes the same only if it encodes the same)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"pat": pat, "specials": sorted(specials.items(), key=lambda kv: kv[1]),
+                         "normalizer": normalizer, "strip": strip}).encode())
+    for raw, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        h.update(rank.to_bytes(4, "little") + len(raw).to_bytes(2, "little") + raw)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The file behind `path`: a .tiktoken or tokenizer.json file, or a folder holding tokenizer.json or exactly
+    one .tiktoken file (e.g. a checkpoint's tokenizer/ folder)."""
+    p = resolve_tokenizer_path(path)
+    if p.is_dir():
+        found = [p / "tokenizer.json"] if (p / "tokenizer.json").is_file() else sorted(p.glob("*.tiktoken"))
+        if len(found) != 1:
+            raise UserError(f"tokenizer folder {p} holds no tokenizer.json and not exactly one .tiktoken file")
+        p = found[0]
+    if not p.is_file():
+        raise UserError(f"tokenizer file not found: {p} (model.tokenizer_path; the shipped one is "
+                        f"assets/tokenizer/smollm2.tiktoken)")
+    return p
 
 
 def smollm2_gguf_path() -> Path:
@@ -147,15 +185,9 @@ def _gguf_strings(reader, key: str) -> list[str]:
 
 def check_merge_order(tokens: list[str], merges: list[str], where: str = "vocabulary") -> None:
     """Merge k ("a b") must make a token whose id exceeds the ids of a, b and the token of merge k-1."""
-    ids = {t: i for i, t in enumerate(tokens)}
-    last = -1
-    for k, m in enumerate(merges):
-        a, b = m.split(" ")
-        new = ids.get(a + b, -1)
-        if not (new > last and new > ids.get(a, new) and new > ids.get(b, new)):
-            raise UserError(f"{where}: merge {k} ({m!r} -> id {new}) breaks merge order = id order; "
-                            f"rank = id would tokenize differently from the GGUF's BPE")
-        last = new
+    from titan_aquila.data.hf_tokenizer import check_merge_order as check
+
+    check({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges], where)
 
 
 def convert_gguf_vocab(gguf_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
@@ -179,7 +211,9 @@ def convert_gguf_vocab(gguf_path: str | os.PathLike, out_path: str | os.PathLike
         raise UserError(f"{gguf_path} does not hold the SmolLM2 vocabulary ({len(tokens)} tokens, first "
                         f"{tokens[:3]}); expected {VOCAB_SIZE} tokens starting with {SPECIAL_TOKENS[:3]}")
     check_merge_order(tokens, merges, str(gguf_path))
-    to_byte = _unicode_to_bytes()
+    from titan_aquila.data.hf_tokenizer import bytes_of_char
+
+    to_byte = bytes_of_char()
     raws = [bytes(to_byte[c] for c in tok) for tok in tokens[NUM_CONTROL_TOKENS:]]
     assert len(set(raws)) == len(raws), "two token strings map to the same bytes"
     lines = [f"{base64.b64encode(raw).decode()} {rank}\n" for rank, raw in enumerate(raws, NUM_CONTROL_TOKENS)]
