@@ -20,7 +20,8 @@ tiktoken's whole-piece shortcut would emit a token HF never does.
 Special tokens. Every entry of `added_tokens` keeps its id as a tiktoken special token; `encode` never matches
 their text inside plain text (HF does): pretraining text that happens to contain "<|endoftext|>" stays text.
 Single bytes the vocabulary lacks: HF BPE drops them silently, tiktoken cannot encode them; the ASCII ones are
-stripped before encoding (the same result), a vocabulary lacking a byte >= 0x80 is refused.
+stripped before encoding (the same result); lacking a lead byte of planes 4..16 (unassigned or private use), their
+characters become U+FFFD; a vocabulary lacking any other byte that UTF-8 uses is refused.
 """
 
 from __future__ import annotations
@@ -104,9 +105,24 @@ def check_merge_order(ids: dict[str, int], merges: list[tuple[str, str]], where:
         last = new
 
 
+def unencodable(ranks: dict[bytes, int], path: Path) -> tuple[str, str | None]:
+    """(ASCII characters to strip, regex of characters to replace by U+FFFD) for the single bytes `ranks` lacks.
+
+    0xC0, 0xC1 and 0xF5.. never occur in UTF-8; a missing lead byte 0xF1..0xF4 only loses code points of planes
+    4..16 (unassigned or private use), replaced by U+FFFD. Any other missing non-ASCII byte: refused."""
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    lost = [b for b in missing if 0x80 <= b <= 0xF0 and b not in (0xC0, 0xC1)]
+    if lost:
+        _refuse(path, f"the vocabulary lacks the bytes {[hex(b) for b in lost][:8]} (not every UTF-8 text can be "
+                      "encoded)")
+    planes = "".join(f"{chr(0x40000 * (b - 0xF0))}-{chr(0x40000 * (b - 0xF0) + 0x3FFFF)}"
+                     for b in missing if 0xF1 <= b <= 0xF4)
+    return "".join(chr(b) for b in missing if b < 0x80), (f"[{planes}]" if planes else None)
+
+
 def load_hf_tokenizer(path: Path) -> dict:
     """Parse tokenizer.json (and tokenizer_config.json beside it) into the parts of a tiktoken Encoding:
-    {pat_str, mergeable_ranks, special_tokens, normalizer, strip, eos_id, bos_id, eos_token, pad_token}."""
+    {pat_str, mergeable_ranks, special_tokens, normalizer, strip, replace, eos_id, bos_id, eos_token, pad_token}."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
         model = d["model"]
@@ -143,10 +159,7 @@ def load_hf_tokenizer(path: Path) -> dict:
         if raw in ranks:
             _refuse(path, f"two vocabulary entries decode to the bytes {raw!r}")
         ranks[raw] = int(i)
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if any(b >= 0x80 for b in missing):
-        _refuse(path, f"the vocabulary lacks the bytes {[hex(b) for b in missing if b >= 0x80][:8]} (not every "
-                      "UTF-8 text can be encoded)")
+    strip, replace = unencodable(ranks, path)
     cfg_path = path.with_name("tokenizer_config.json")
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
 
@@ -161,5 +174,5 @@ def load_hf_tokenizer(path: Path) -> dict:
                       f"tokenizer_config.json names no eos_token that is one")
     bos = named("bos_token")
     return dict(pat_str=pat, mergeable_ranks=ranks, special_tokens=added, normalizer=norm,
-                strip="".join(chr(b) for b in missing), eos_id=added[doc_end],
+                strip=strip, replace=replace, eos_id=added[doc_end],
                 bos_id=added.get(bos) if bos else None, eos_token=eos_token, pad_token=named("pad_token"))

@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import unicodedata
 from pathlib import Path
@@ -92,7 +93,7 @@ class Tokenizer:
 
             parts = load_hf_tokenizer(path)
             ranks, specials, pat = parts["mergeable_ranks"], parts["special_tokens"], parts["pat_str"]
-            self.normalizer, strip = parts["normalizer"], parts["strip"]
+            self.normalizer, strip, replace = parts["normalizer"], parts["strip"], parts["replace"]
             self.eos_id, self.bos_id = parts["eos_id"], parts["bos_id"]
             self.eos_token, self.pad_token = parts["eos_token"], parts["pad_token"]
         else:
@@ -102,21 +103,26 @@ class Tokenizer:
                 raise UserError(f"tokenizer file {path} has {len(ranks)} byte tokens with ranks "
                                 f"{ids[0] if ids else '-'}..{ids[-1] if ids else '-'}; expected the SmolLM2 "
                                 f"vocabulary: ranks {NUM_CONTROL_TOKENS}..{VOCAB_SIZE - 1}, each once")
-            specials, pat, self.normalizer, strip = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}, PAT_STR, None, \
-                MISSING_BYTES
+            from titan_aquila.data.hf_tokenizer import unencodable
+
+            specials, pat, self.normalizer = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}, PAT_STR, None
+            strip, replace = unencodable(ranks, path)
             self.eos_id = specials["<|endoftext|>"]  # document separator for pretraining
             self.bos_id = specials["<|im_start|>"]
             self.im_end_id = specials["<|im_end|>"]
             self.eos_token, self.pad_token = "<|im_end|>", "<|im_end|>"  # the Instruct GGUF's eos (and pad)
         self._strip = str.maketrans("", "", strip)
+        self._unencodable = re.compile(replace) if replace else None
         self.encoding = tiktoken.Encoding(name=path.stem, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
         self.vocab_size = self.encoding.n_vocab
         self.special_tokens = dict(specials)
-        self.fingerprint = _fingerprint(pat, ranks, specials, self.normalizer, strip)
+        self.fingerprint = _fingerprint(pat, ranks, specials, self.normalizer, strip + (replace or ""))
 
     def _prepare(self, text: str) -> str:
         if self.normalizer == "NFC":
             text = unicodedata.normalize("NFC", text)
+        if self._unencodable is not None:
+            text = self._unencodable.sub("\ufffd", text)
         return text.translate(self._strip)
 
     def clean(self, text: str) -> str:
