@@ -65,12 +65,13 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     from titan_aquila.data.dataset import build_dataloader, build_validation_dataloader
     from titan_aquila.evaluate import validation_loss
     from titan_aquila.growth.audit import run_growth_audit
+    from titan_aquila.growth.loader import plan_stage
     from titan_aquila.metrics import MetricsLogger, device_peak_flops
     from titan_aquila.models.aquila import build_model
     from titan_aquila.optim import build_lr_scheduler, build_optimizer
     from titan_aquila.parallel.dist_utils import init_distributed
     from titan_aquila.parallel.parallelize import parallelize_model
-    from titan_aquila.data.tokenizer import Tokenizer
+    from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, resolve_tokenizer, start_checkpoint
     from titan_aquila.train_utils import (collect_expert_load, full_grad_norm, load_fractions, reduce_mean,
                                           training_loss, update_expert_bias)
 
@@ -91,9 +92,9 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     if plan is not None:
         args = plan.dst_args
         check_context(args, t.seq_len)
-    tokenizer = Tokenizer(cfg.model.tokenizer_path)
-    if args.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    start_dir = start_checkpoint(cfg)  # its tokenizer is the run's unless model.tokenizer_path names the same one
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer_path, start_dir)
+    check_vocab_fits(tokenizer, args.vocab_size, "the model")
     train_loader = build_dataloader(t.dataset_path, tokenizer, t.seq_len, t.local_batch_size, dp_rank, dp_degree,
                                     num_workers=t.num_workers, seed=t.seed)
     audit = plan is not None and cfg.growth.audit
@@ -113,12 +114,17 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     ckpt = CheckpointManager(cfg, model, optimizer, scheduler, train_loader, args, dims, growth_plan=plan,
                              dp_rank=dp_rank, dp_degree=dp_degree)
     start = ckpt.load()  # last checkpoint of this job > checkpoint.initial_load_path > grown source > fresh
+    tokens_per_step = t.local_batch_size * dp_degree * accum * t.seq_len
+    run_stage = {"kind": "train", "run": os.path.abspath(cfg.job.dump_folder), "seed": t.seed, "start_step": start,
+                 "tokens_per_step": tokens_per_step, "dataset": t.dataset_path}
+    grown = [plan_stage(cfg, plan)] if plan is not None and start_dir is not None and \
+        start_dir.parent != ckpt.folder else []  # grown at this start (not resumed)
+    ckpt.lineage, ckpt.lineage_files = carry_forward(start_dir, tokenizer, *grown, run_stage)
     if audit and start == 0:
         audit = run_growth_audit(cfg, plan, model, val_loader, device, dp_group, log=log)
 
     autocast_dtype = {"": None, "bfloat16": torch.bfloat16}[t.autocast_dtype]
     peak, peak_desc = device_peak_flops(device, autocast_dtype or torch.float32)
-    tokens_per_step = t.local_batch_size * dp_degree * accum * t.seq_len
     log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_desc}); gradient accumulation {accum}; global batch "
         f"{t.local_batch_size * dp_degree * accum} x {t.seq_len} = {tokens_per_step:,} tokens; steps {start + 1}.."
         f"{t.steps}")
@@ -184,6 +190,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
                 val, n = validation_loss(model, val_loader, device, v.steps, autocast(), group=dp_group)
                 # Read (and reset) the validation tokens' expert counts so they never enter a training step's load.
                 metrics.log_validation(step, val, n, load_fractions(collect_expert_load(model, dp_group)))
+                run_stage["validation_loss"], run_stage["validation_step"] = val, step
             ckpt.maybe_save(step)
         ckpt.maybe_save(t.steps, force=True)
         ckpt.close()

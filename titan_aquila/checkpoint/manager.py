@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from titan_aquila.checkpoint.storage import (JOB_CONFIG, METADATA, MODEL_ARGS, args_diff, check_integrity, commit,
                                         dcp_keys, from_blob, latest_checkpoint, prune, read_checkpoint_args,
                                         read_json, remove_stale_tmp, resolve_checkpoint_dir, to_blob, write_json)
+from titan_aquila.checkpoint.lineage import copy_files
 from titan_aquila.checkpoint.weights import load_model_weights
 from titan_aquila.growth.loader import load_grown_weights, resolve_growth  # noqa: F401
 from titan_aquila.errors import UserError
@@ -98,6 +99,10 @@ class CheckpointManager:
         self.dp_rank_of_rank = self._all_gather_int(self.dp_rank)
         self.parallel_layout = repr(parallel_dims) if parallel_dims is not None else None
         self._pending = None  # (future, tmp, final, step, model_only) of an async save in flight
+        # What an export needs besides weights (checkpoint/lineage.py): set by the trainer after load; the last
+        # stage is this run's, completed with the step and tokens at every save.
+        self.lineage: dict | None = None
+        self.lineage_files: dict[str, Path] = {}
         self._last_saved: int | None = None
 
     # ---- small collectives on our gloo group -----------------------------------------------------------------
@@ -286,6 +291,10 @@ class CheckpointManager:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         if self.rank == 0:
+            if self.lineage is not None:
+                run = self.lineage["stages"][-1]
+                run.update(end_step=step, tokens=(step - run["start_step"]) * run["tokens_per_step"])
+                copy_files(self.lineage_files, tmp)
             write_json(tmp / MODEL_ARGS, self.model_args.to_dict())
             write_json(tmp / JOB_CONFIG, self.cfg.to_dict())
             write_json(tmp / METADATA, {
@@ -293,7 +302,8 @@ class CheckpointManager:
                 "dp_rank_of_rank": self.dp_rank_of_rank, "parallel_layout": self.parallel_layout,
                 "parallelism": self.cfg.to_dict().get("parallelism"), "model_only": model_only,
                 "dtype": self.cfg.checkpoint.export_dtype if model_only else None,
-                "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "lineage": self.lineage})
         self._barrier()
         if self.rank == 0:
             commit(tmp, final)

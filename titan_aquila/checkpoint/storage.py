@@ -264,9 +264,10 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
 
 
 def write_model_checkpoint(out_dir: Path, sd: dict[str, torch.Tensor], args: ModelArgs, meta: dict,
-                           overwrite: bool = False) -> Path:
+                           overwrite: bool = False, files: dict[str, Path] | None = None) -> Path:
     """Write a model-only checkpoint `out_dir/step-0` (the training layout) from one process, atomically: into
-    `out_dir/step-0.tmp-<pid>`, then renamed. UserError if `out_dir` already holds a checkpoint and not overwrite."""
+    `out_dir/step-0.tmp-<pid>`, then renamed. UserError if `out_dir` already holds a checkpoint and not overwrite.
+    `files` ({relative name: source file}, e.g. the tokenizer) are copied in before the rename."""
     import torch.distributed.checkpoint as dcp
 
     out_dir = Path(out_dir)
@@ -281,6 +282,9 @@ def write_model_checkpoint(out_dir: Path, sd: dict[str, torch.Tensor], args: Mod
         write_json(tmp / MODEL_ARGS, args.to_dict())
         write_json(tmp / METADATA, {"step": 0, "world_size": 1, "model_only": True,
                                     "torch_version": torch.__version__, **meta})
+        for name, src in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
         if overwrite:
             for _, p in step_dirs(out_dir):
                 shutil.rmtree(p)

@@ -42,8 +42,10 @@ class Model:
     """Model family to build."""
     flavor: str = "debugmodel"
     """Named size preset of the model family (e.g. debugmodel, smollm2_135m, aquila3_7b)."""
-    tokenizer_path: str = "assets/tokenizer/smollm2.tiktoken"
-    """Path to the tiktoken tokenizer file."""
+    tokenizer_path: str = ""
+    """A .tiktoken file, or an HF tokenizer.json of a byte-level BPE (or a folder holding one). Empty: the tokenizer
+    of the checkpoint the run starts from (import-hf copies the source's), else assets/tokenizer/smollm2.tiktoken.
+    Naming a tokenizer other than the checkpoint's is an error."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """ModelArgs fields to override on the flavor, e.g. `[model.overrides]` `n_layers = 4`; TOML only, checked
     by the model code."""

@@ -6,7 +6,9 @@
 
 An imported checkpoint has the training layout (OUT_DIR/step-0 with model_args.json), so it is a valid
 `checkpoint.initial_load_path` or `growth.source_path`. Exports are a folder transformers loads with
-`AutoModelForCausalLM.from_pretrained(OUT_DIR)` (weights and config.json; tokenizer files are not written).
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` and `pipeline("text-generation", OUT_DIR)`: weights (bfloat16 by
+default), config.json with bos/eos/pad ids, generation_config.json, the checkpoint's tokenizer files (import-hf
+copies the source's) and a README.md model card with the growth history.
 Outputs are written beside the target and renamed into place when complete; a folder that already holds a
 checkpoint is refused unless --overwrite.
 """
@@ -35,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--arch", choices=("llama", "qwen2", "mistral", "mixtral", "qwen2_moe"), default=None,
                    help="HF architecture (default: llama, or qwen2 with q/k/v bias; mixtral, or qwen2_moe when "
                         "Mixtral cannot represent the MoE)")
-    e.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported weights")
+    e.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the exported weights (default: "
+                   "%(default)s)")
+    e.add_argument("--tokenizer", default=None, help="tokenizer to write (default: the checkpoint's, else the shipped "
+                   "SmolLM2 one); must match the checkpoint's")
     e.add_argument("--drop-expert-bias", action="store_true",
                    help="export although the MoE has a non-zero aux-loss-free routing bias (HF routing ignores it)")
     e.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors file, GiB")
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             import_hf(ns.src, ns.out, ns.dtype, ns.overwrite)
         elif ns.cmd == "export-hf":
             export_hf(ns.ckpt, ns.out, ns.arch, ns.dtype, ns.overwrite, ns.drop_expert_bias,
-                      int(ns.max_shard_gb * (1 << 30)))
+                      int(ns.max_shard_gb * (1 << 30)), ns.tokenizer)
         else:
             from titan_aquila.convert.gguf import import_gguf
 

@@ -12,7 +12,11 @@ import torch
 
 from titan_aquila.checkpoint.storage import (check_output_folder, read_checkpoint_args, read_json, read_model_state_dict,
                                              resolve_checkpoint_dir, write_json, write_model_checkpoint)
+from titan_aquila.checkpoint.lineage import (check_vocab_fits, checkpoint_tokenizer, read_lineage, resolve_tokenizer, source_hf_info,
+                                             tokenizer_files)
+from titan_aquila.convert.card import generation_config, model_card, special_ids, write_tokenizer
 from titan_aquila.convert.hf_map import args_from_hf_config, export_arch, hf_config, hf_to_titan, titan_to_hf
+from titan_aquila.convert.progress import Progress
 from titan_aquila.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -56,20 +60,47 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
         raise UserError(f"HF model folder does not exist: {src}")
     cfg = read_json(src / "config.json", f"{src} is not an HF model folder (config.json)")
     arch, args = args_from_hf_config(cfg, log=log)
+    tok, files = _source_tokenizer(src, args, log)
     where = _safetensors_index(src)
     handles: dict[Path, object] = {}
+    shards = sorted(set(where.values()))
+    progress = Progress(f"import-hf {src.name}", len(where), log=log)
 
     def get(name: str) -> torch.Tensor:
         p = where[name]
         if p not in handles:
             handles[p] = safe_open(str(p), framework="pt")
         t = handles[p].get_tensor(name)
+        progress.step(note=f"shard {shards.index(p) + 1}/{len(shards)}")
         return t.to(_dtype(dtype)) if _dtype(dtype) else t
 
     sd = hf_to_titan(get, set(where), args, arch)
-    path = write_model_checkpoint(Path(out), sd, args, {"source": f"hf:{arch}:{src.resolve()}"}, overwrite)
-    log(f"imported {arch} ({args.num_params():,} parameters) -> {path}")
+    source = f"hf:{arch}:{src.resolve()}"
+    lineage = {**source_hf_info(src), "tokenizer": tok.fingerprint if tok else None,
+               "stages": [{"kind": "import", "source": source, "model_name": cfg.get("_name_or_path") or src.name,
+                           "arch": arch, "parameters": args.num_params()}]}
+    path = write_model_checkpoint(Path(out), sd, args, {"source": source, "lineage": lineage}, overwrite, files)
+    log(f"imported {arch} ({args.num_params():,} parameters{', tokenizer ' + tok.path.name if tok else ''}) in "
+        f"{progress.elapsed():.1f}s -> {path}")
     return path
+
+
+def _source_tokenizer(src: Path, args, log):
+    """(Tokenizer, files to copy into the checkpoint) of an HF folder's tokenizer.json, or (None, {}) with a note
+    when it has none or one we cannot tokenize with (the weights still import; a run then needs
+    model.tokenizer_path). A tokenizer whose ids do not fit the model's vocabulary is an error."""
+    from titan_aquila.data.tokenizer import Tokenizer
+
+    if not (src / "tokenizer.json").is_file():
+        log(f"note: {src} has no tokenizer.json; training on this checkpoint needs model.tokenizer_path")
+        return None, {}
+    try:
+        tok = Tokenizer(src / "tokenizer.json")
+    except UserError as e:
+        log(f"note: tokenizer not copied ({e}); training on this checkpoint needs model.tokenizer_path")
+        return None, {}
+    check_vocab_fits(tok, args.vocab_size, f"{src / 'config.json'}")
+    return tok, tokenizer_files(tok)
 
 
 # ---- DCP -> HF --------------------------------------------------------------------------------------------
@@ -98,7 +129,8 @@ def _place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30) -> list[str]:
+def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30,
+                     log=None) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger."""
     from safetensors.torch import save_file
 
@@ -110,37 +142,56 @@ def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
             cur, size = {}, 0
         cur[name], size = hf[name], size + n
     shards.append(cur)
+    progress = Progress(f"export-hf {folder.name.split('.tmp-')[0]}", len(hf), log=log or (lambda *_: None))
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        progress.step(len(hf), "shard 1/1")
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for fname, shard in zip(names, shards):
+    for k, (fname, shard) in enumerate(zip(names, shards)):
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
+        weight_map.update({key: fname for key in shard})
+        progress.step(len(shard), f"shard {k + 1}/{len(shards)}")
     total = sum(t.numel() * t.element_size() for t in hf.values())
     write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names
 
 
-def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype: str = "float32",
+def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype: str = "bfloat16",
               overwrite: bool = False, drop_expert_bias: bool = False, max_shard_bytes: int = 4 << 30,
-              log=print) -> Path:
-    """Any checkpoint (step-N folder or a folder of them) -> HF folder (config.json + safetensors)."""
+              tokenizer: str | None = None, log=print) -> Path:
+    """Any checkpoint (step-N folder or a folder of them) -> HF folder: config.json (with bos/eos/pad ids),
+    generation_config.json, safetensors, the tokenizer files (the checkpoint's, or `tokenizer`) and README.md."""
     step_dir = resolve_checkpoint_dir(ckpt)
     args = read_checkpoint_args(step_dir)
     arch = export_arch(args, arch)
     out = Path(out)
     _prepare_out(out, overwrite, check_only=True)
+    tok = resolve_tokenizer(tokenizer, step_dir, "--tokenizer")
+    lineage = read_lineage(step_dir)
+    if tokenizer or checkpoint_tokenizer(step_dir) or lineage.get("tokenizer"):
+        check_vocab_fits(tok, args.vocab_size, f"checkpoint {step_dir}")
+    elif tok.vocab_size > args.vocab_size:  # a model with no tokenizer of its own (e.g. a random toy model)
+        log(f"note: {step_dir} names no tokenizer and the shipped one does not fit its vocab_size "
+            f"{args.vocab_size}: no tokenizer files written (pass --tokenizer)")
+        tok = None
+    ids = special_ids(tok, lineage) if tok is not None else dict(lineage.get("hf_ids") or {})
     sd = {k: v.to(_dtype(dtype)) for k, v in read_model_state_dict(step_dir).items()}
     hf = titan_to_hf(sd, args, arch, drop_expert_bias)
     tmp = _prepare_out(out, overwrite)
     try:
-        files = save_safetensors(hf, tmp, max_shard_bytes)
-        write_json(tmp / "config.json", hf_config(args, arch, dtype))
+        files = save_safetensors(hf, tmp, max_shard_bytes, log)
+        write_json(tmp / "config.json", {**hf_config(args, arch, dtype), **ids})
+        write_json(tmp / "generation_config.json", generation_config(lineage, ids))
+        if tok is not None:
+            write_tokenizer(tok, tmp, args.max_seq_len, ids)
+        (tmp / "README.md").write_text(model_card(step_dir, args, arch, dtype, tok, lineage))
         _place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"exported {step_dir} as {arch} ({len(files)} safetensors file(s), {dtype}) -> {out}")
+    log(f"exported {step_dir} as {arch} ({len(files)} safetensors file(s), {dtype}, tokenizer "
+        f"{tok.path.name if tok else 'none'}) "
+        f"-> {out}")
     return out

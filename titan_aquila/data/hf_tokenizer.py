@@ -95,11 +95,12 @@ def _merge_pairs(merges: list, path: Path) -> list[tuple[str, str]]:
 
 
 def check_merge_order(ids: dict[str, int], merges: list[tuple[str, str]], where: str) -> None:
-    """Merge k (a, b) must make a token whose id exceeds the ids of a, b and the token of merge k-1."""
+    """Merge k (a, b) must make a token whose id exceeds the ids of a, b and is not below the id of merge k-1's
+    token (several merges may make the same token: every split of it, as `tokenizer_json` writes them)."""
     last = -1
     for k, (a, b) in enumerate(merges):
         new = ids.get(a + b, -1)
-        if not (new > last and new > ids.get(a, new) and new > ids.get(b, new)):
+        if not (new >= last and new > ids.get(a, new) and new > ids.get(b, new)):
             raise UserError(f"{where}: merge {k} ({a!r} {b!r} -> id {new}) breaks merge order = id order; "
                             "rank = id would tokenize differently from the BPE merges")
         last = new
@@ -176,3 +177,32 @@ def load_hf_tokenizer(path: Path) -> dict:
     return dict(pat_str=pat, mergeable_ranks=ranks, special_tokens=added, normalizer=norm,
                 strip=strip, replace=replace, eos_id=added[doc_end],
                 bos_id=added.get(bos) if bos else None, eos_token=eos_token, pad_token=named("pad_token"))
+
+
+def tokenizer_json(tok) -> dict:
+    """An HF tokenizer.json equal to a loaded `Tokenizer` (the inverse of `load_hf_tokenizer`, for exports of a
+    .tiktoken vocabulary). Merges: every split (a, b) of every token t with rank(a), rank(b) < rank(t), ordered by
+    rank(t): then the first listed merge among adjacent pairs is the pair whose concatenation has the lowest rank,
+    tiktoken's rule; `ignore_merges` gives tiktoken's whole-piece shortcut."""
+    enc = tok.encoding
+    ranks: dict[bytes, int] = enc._mergeable_ranks
+    to_char = {b: c for c, b in bytes_of_char().items()}
+    text = {raw: "".join(to_char[b] for b in raw) for raw in ranks}
+    merges = []
+    for raw, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        for i in range(1, len(raw)):
+            a, b = raw[:i], raw[i:]
+            if ranks.get(a, r) < r and ranks.get(b, r) < r:
+                merges.append([text[a], text[b]])
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for t, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "NFC"} if tok.normalizer == "NFC" else None, "pre_tokenizer": pre,
+            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                                "use_regex": False},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {text[raw]: r for raw, r in ranks.items()}, "merges": merges}}

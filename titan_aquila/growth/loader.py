@@ -16,6 +16,7 @@ import torch
 
 from titan_aquila.checkpoint.storage import (args_diff, check_integrity, check_output_folder, read_checkpoint_args,
                                              read_model_state_dict, resolve_checkpoint_dir, write_model_checkpoint)
+from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, checkpoint_tokenizer, resolve_tokenizer
 from titan_aquila.checkpoint.weights import load_model_weights
 from titan_aquila.errors import UserError
 from titan_aquila.growth import GrowthOptions, apply_growth, materialize, plan_growth
@@ -60,6 +61,14 @@ def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=
     load_model_weights(model, dst_sd)
 
 
+def plan_stage(cfg, plan) -> dict:
+    """The growth stage of a checkpoint's lineage (checkpoint/lineage.py): source, methods and options."""
+    return {"kind": "growth", "source": str(resolve_checkpoint_dir(cfg.growth.source_path).resolve()),
+            "methods": list(cfg.growth.methods), "growth": plan.describe(),
+            "options": dataclasses.asdict(growth_options(cfg)), "seed": cfg.growth.seed,
+            "parameters": [plan.src_args.num_params(), plan.dst_args.num_params()]}
+
+
 def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False, log=print) -> Path:
     """Grow cfg.growth.source_path into cfg's target model and write OUT/step-0. Returns the step folder."""
     if not cfg.growth.enable:
@@ -78,9 +87,16 @@ def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False, log=print) ->
     dst_sd = {}
     for k in list(grown):  # pop as we go: a LazyExperts and its materialised copy are never both alive for long
         dst_sd[k] = materialize(grown.pop(k)).contiguous()
+    # The tokenizer goes with the weights: the given one (checked against the source's), else the source's.
+    tok = resolve_tokenizer(cfg.model.tokenizer_path, src_dir, "model.tokenizer_path") \
+        if cfg.model.tokenizer_path or checkpoint_tokenizer(src_dir) else None
+    if tok is not None:
+        check_vocab_fits(tok, plan.dst_args.vocab_size, "the grown model")
+    lineage, files = carry_forward(src_dir, tok, plan_stage(cfg, plan))
     meta = {"source": str(src_dir.resolve()), "growth_methods": list(cfg.growth.methods),
-            "growth": plan.describe(), "growth_seed": opts.seed, "growth_noise_std": opts.noise_std}
-    path = write_model_checkpoint(out, dst_sd, plan.dst_args, meta, overwrite)
+            "growth": plan.describe(), "growth_seed": opts.seed, "growth_noise_std": opts.noise_std,
+            "lineage": lineage}
+    path = write_model_checkpoint(out, dst_sd, plan.dst_args, meta, overwrite, files)
     log(f"grew {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> {plan.dst_args.num_params():,} "
         f"parameters in {time.time() - t0:.1f}s -> {path}")
     return path
