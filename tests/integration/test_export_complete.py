@@ -108,3 +108,49 @@ def test_tokenizer_mismatches_are_clear_errors(hf_source, tmp_path):
     with pytest.raises(UserError, match="ids up to 599 but .* vocab_size 500"):
         import_hf(bad, tmp_path / "ck2", **QUIET)
     assert not (tmp_path / "ck2").exists()
+
+
+def _train_config(tmp: Path, ck: Path, **sections) -> Path:
+    from _util import tiny_config
+
+    saved = json.loads((ck / "model_args.json").read_text())
+    overrides = {k: v for k, v in saved.items() if k not in ("use_grouped_mm", "max_seq_len", "z_loss_type")}
+    return tiny_config(tmp, overrides=overrides, checkpoint={"enable": True, "interval": 2, "initial_load_path":
+                                                             str(ck), "initial_load_model_only": True},
+                       training={"steps": 2, "seq_len": 32, "local_batch_size": 2},
+                       validation={"enable": True, "freq": 2, "steps": 1}, **sections)
+
+
+def _one_line_error(run, needle: str) -> None:
+    lines = [ln for ln in run.err.strip().splitlines() if ln.strip()]
+    assert run.rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], run.err
+    assert "step 1" not in run.out  # refused before training
+
+
+def test_training_on_an_imported_checkpoint_uses_and_records_its_tokenizer(hf_source, tmp_path):
+    from _util import run_train
+
+    ck = import_hf(hf_source, tmp_path / "ck", **QUIET)
+    cfg = _train_config(tmp_path, ck)
+    run = run_train(cfg, timeout=300)
+    assert run.rc == 0, run.err
+    step = tmp_path / "run" / "checkpoint" / "step-2"
+    assert (step / "tokenizer" / "tokenizer.json").read_bytes() == (hf_source / "tokenizer.json").read_bytes()
+    lineage = json.loads((step / "metadata.json").read_text())["lineage"]
+    assert [s["kind"] for s in lineage["stages"]] == ["import", "train"]
+    train = lineage["stages"][1]
+    assert (train["end_step"], train["tokens"]) == (2, 2 * 2 * 32)
+    assert train["validation_loss"] == pytest.approx(run.val_losses[2], abs=1e-4)
+    out = export_hf(tmp_path / "run" / "checkpoint", tmp_path / "hf", **QUIET)
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == 1  # the source's, kept
+    assert "**Training**: 2 steps" in (out / "README.md").read_text()
+    # the shipped SmolLM2 tokenizer is not the checkpoint's: refused before training
+    _one_line_error(run_train(_train_config(tmp_path, ck, name="run2"), "--model.tokenizer_path",
+                              "assets/tokenizer/smollm2.tiktoken", timeout=300), "is a different tokenizer")
+
+
+def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path):
+    from _util import run_train, tiny_config
+
+    run = run_train(tiny_config(tmp_path, overrides={"vocab_size": 640}), timeout=300)
+    _one_line_error(run, "ids up to 49151 but the model has vocab_size 640")
