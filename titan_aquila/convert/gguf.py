@@ -56,8 +56,10 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(ModelArgs from the GGUF metadata, float32 state dict with our names)."""
+def read_gguf(path: str | Path, log=None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(ModelArgs from the GGUF metadata, float32 state dict with our names); `log` gets progress lines."""
+    from titan_aquila.convert.progress import Progress
+
     try:
         import gguf
     except ImportError:
@@ -89,7 +91,9 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         max_seq_len=int(_field(reader, p + "context_length", 2048)),
         tie_embeddings="output.weight" not in names, **moe).validate()
     sd: dict[str, torch.Tensor] = {}
+    progress = Progress(f"import-gguf {path.name}", len(reader.tensors), log=log or (lambda *_: None))
     for t in reader.tensors:
+        progress.step()
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
         if t.name == "token_embd.weight":
             sd["tok_embeddings.weight"] = w
@@ -119,7 +123,7 @@ def import_gguf(out: str | Path, gguf_path: str | Path | None = None, overwrite:
 
     check_output_folder(Path(out), overwrite)
     src = Path(gguf_path) if gguf_path else default_gguf_path()
-    args, sd = read_gguf(src)
+    args, sd = read_gguf(src, log)
     path = write_model_checkpoint(Path(out), sd, args, {"source": f"gguf:{src.resolve()}"}, overwrite)
     log(f"imported {src.name} ({sum(t.numel() for t in sd.values()):,} parameters) -> {path}")
     return path
