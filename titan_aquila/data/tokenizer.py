@@ -163,8 +163,8 @@ def _fingerprint(pat: str, ranks: dict[bytes, int], specials: dict[str, int], no
 
 def tokenizer_file(path: str | os.PathLike) -> Path:
     """The file behind `path`: a .tiktoken or tokenizer.json file, or a folder holding tokenizer.json or exactly
-    one .tiktoken file (e.g. a checkpoint's tokenizer/ folder)."""
-    p = resolve_tokenizer_path(path)
+    one .tiktoken file (e.g. a checkpoint's tokenizer/ folder). Empty: the shipped SmolLM2 vocabulary."""
+    p = resolve_tokenizer_path(path or DEFAULT_TOKENIZER)
     if p.is_dir():
         found = [p / "tokenizer.json"] if (p / "tokenizer.json").is_file() else sorted(p.glob("*.tiktoken"))
         if len(found) != 1:
