@@ -154,3 +154,19 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path):
 
     run = run_train(tiny_config(tmp_path, overrides={"vocab_size": 640}), timeout=300)
     _one_line_error(run, "ids up to 49151 but the model has vocab_size 640")
+
+
+def test_a_resumed_run_keeps_one_training_stage(tmp_path):
+    from titan_aquila.checkpoint.lineage import carry_forward
+
+    tok = Tokenizer()
+    step = tmp_path / "run" / "checkpoint" / "step-4"
+    step.mkdir(parents=True)
+    first = {"kind": "train", "run": "/r", "start_step": 0, "tokens_per_step": 8, "validation_loss": 3.0}
+    lineage, _ = carry_forward(None, tok, {"kind": "import", "source": "s"}, first)
+    (step / "metadata.json").write_text(json.dumps({"lineage": lineage}))
+    again = {"kind": "train", "run": "/r", "start_step": 4, "tokens_per_step": 8}
+    lineage, files = carry_forward(step, tok, again)
+    assert [s["kind"] for s in lineage["stages"]] == ["import", "train"]
+    assert lineage["stages"][-1] is again and again["start_step"] == 0 and again["validation_loss"] == 3.0
+    assert list(files) == ["tokenizer/smollm2.tiktoken"] and lineage["tokenizer"] == tok.fingerprint

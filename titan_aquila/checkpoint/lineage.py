@@ -86,9 +86,10 @@ def carry_forward(src_dir: Path | None, tok, *stages: dict) -> tuple[dict, dict[
     old = list(lineage.get("stages", []))
     for st in stages:
         if old and st.get("run") and old[-1].get("kind") == st["kind"] and old[-1].get("run") == st["run"]:
-            st = {**st, "start_step": old[-1].get("start_step", st.get("start_step"))}
-            st.update({k: v for k, v in old[-1].items() if k not in st})
-            old.pop()
+            prev = old.pop()  # in place: the caller keeps updating `st` (steps, validation loss)
+            st["start_step"] = prev.get("start_step", st.get("start_step"))
+            for k, v in prev.items():
+                st.setdefault(k, v)
         old.append(st)
     lineage["stages"] = old
     lineage["tokenizer"] = tok.fingerprint if tok is not None else None
