@@ -96,7 +96,7 @@ def test_tiktoken_vocabulary_is_exported_as_an_equal_tokenizer_json(tmp_path):
 
 
 def test_tokenizer_mismatches_are_clear_errors(hf_source, tmp_path):
-    ck = import_hf(hf_source, tmp_path / "ck", **QUIET)
+    import_hf(hf_source, tmp_path / "ck", **QUIET)
     with pytest.raises(UserError, match="different tokenizer .* leave --tokenizer empty"):
         export_hf(tmp_path / "ck", tmp_path / "hf", tokenizer=str(ROOT / "assets/tokenizer/smollm2.tiktoken"),
                   **QUIET)

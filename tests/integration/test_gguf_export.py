@@ -4,7 +4,6 @@ our ids; a Mixtral-style MoE (which transformers cannot load from GGUF) round-tr
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest

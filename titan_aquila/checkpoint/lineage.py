@@ -1,7 +1,7 @@
 """What a checkpoint carries besides weights so that an export is complete: its tokenizer and its history.
 
-    step-N/tokenizer/            the tokenizer files the model was trained with (tokenizer.json + tokenizer_config.json
-                                 + special_tokens_map.json / chat_template.jinja when the source had them, or a .tiktoken)
+    step-N/tokenizer/            the tokenizer files the model was trained with (tokenizer.json, tokenizer_config.json,
+                                 special_tokens_map.json, chat_template.jinja as the source had them; or a .tiktoken)
     step-N/metadata.json         "lineage": {"tokenizer": fingerprint, "hf_ids": {bos/eos/pad_token_id from the source
                                  config.json}, "generation_config": the source's, "stages": [import, growth, train ...]}
 
@@ -27,7 +27,8 @@ def tokenizer_files(tok) -> dict[str, Path]:
     """{name inside the checkpoint: source file} for a loaded Tokenizer (its file and the HF files beside it)."""
     if tok.path.suffix != ".json":
         return {f"{TOKENIZER_DIR}/{tok.path.name}": tok.path}
-    return {f"{TOKENIZER_DIR}/{n}": tok.path.with_name(n) for n in HF_TOKENIZER_FILES if tok.path.with_name(n).is_file()}
+    return {f"{TOKENIZER_DIR}/{n}": tok.path.with_name(n) for n in HF_TOKENIZER_FILES
+            if tok.path.with_name(n).is_file()}
 
 
 def read_lineage(step_dir: Path | None) -> dict:

@@ -66,7 +66,8 @@ def _stage_lines(st: dict) -> list[str]:
         steps = st.get("end_step", st.get("start_step", 0)) - st.get("start_step", 0)
         val = st.get("validation_loss")
         return [f"- **Training**: {steps:,} steps ({st.get('start_step', 0)} -> {st.get('end_step', '?')}), "
-                f"{st.get('tokens', 0):,} tokens, seed {st.get('seed')}, data `{st.get('dataset')}`"
+                f"{st.get('tokens', 0):,} tokens, seed {st.get('seed')}, data "
+                f"`{st.get('dataset') or 'assets/text (the fixture)'}`"
                 + (f", validation loss {val:.4f} at step {st.get('validation_step')}" if val is not None else
                    ", no validation loss recorded")]
     return [f"- {kind}: {json.dumps(st)}"]

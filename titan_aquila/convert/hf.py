@@ -12,8 +12,8 @@ import torch
 
 from titan_aquila.checkpoint.storage import (check_output_folder, read_checkpoint_args, read_json, read_model_state_dict,
                                              resolve_checkpoint_dir, write_json, write_model_checkpoint)
-from titan_aquila.checkpoint.lineage import (check_vocab_fits, checkpoint_tokenizer, read_lineage, resolve_tokenizer, source_hf_info,
-                                             tokenizer_files)
+from titan_aquila.checkpoint.lineage import (check_vocab_fits, checkpoint_tokenizer, read_lineage, resolve_tokenizer,
+                                             source_hf_info, tokenizer_files)
 from titan_aquila.convert.card import generation_config, model_card, special_ids, write_tokenizer
 from titan_aquila.convert.hf_map import args_from_hf_config, export_arch, hf_config, hf_to_titan, titan_to_hf
 from titan_aquila.convert.progress import Progress
