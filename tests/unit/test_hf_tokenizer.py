@@ -141,6 +141,12 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path):
     assert Tokenizer(tmp_path / "c").fingerprint != fp
 
 
+def test_family_regexes_are_the_named_constants():
+    from titan_aquila.data.hf_tokenizer import LLAMA3_PAT, QWEN2_PAT
+
+    assert (LLAMA3, QWEN2) == (LLAMA3_PAT, QWEN2_PAT)
+
+
 def test_unsupported_tokenizers_are_one_clear_error(tmp_path):
     from tokenizers import Tokenizer as HF, models, pre_tokenizers
 

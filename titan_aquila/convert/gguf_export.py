@@ -59,6 +59,14 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama_cpp_pre(tok) -> str:
+    """llama.cpp's name for the tokenizer's split regex (`tokenizer.ggml.pre`); 'default' = GPT-2's rules."""
+    from titan_aquila.data.hf_tokenizer import DIGITS_PAT, LLAMA3_PAT, QWEN2_PAT
+
+    names = {DIGITS_PAT[True]: "smollm", LLAMA3_PAT: "llama-bpe", QWEN2_PAT: "qwen2"}
+    return names.get(tok.encoding._pat_str, "default")
+
+
 def _vocab(tok, vocab_size: int):
     """(tokens, token types, merges) for tokenizer.ggml.*, one token per id in 0..vocab_size-1."""
     import gguf
@@ -119,7 +127,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "bfloat16", over
             w.add_expert_used_count(args.top_k)
         tokens, types, merges = _vocab(tok, args.vocab_size)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
+        w.add_tokenizer_pre(llama_cpp_pre(tok))
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)

@@ -36,6 +36,12 @@ GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 # digit (HF's ByteLevel regex never sees the digit: it is a separate piece already), hence (?![^\s\p{N}]).
 DIGITS_PAT = {True: r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
               False: r"""\p{N}+|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""}
+# The split regexes of Llama 3 and Qwen2 (their tokenizer.json Split pattern); named so GGUF exports can tell
+# llama.cpp which pre-tokenizer to use.
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+")
 SUPPORTED = ("supported tokenizers: a .tiktoken file, or an HF tokenizer.json of a byte-level BPE model "
              "(GPT-2/SmolLM2, Llama 3, Qwen2 families: BPE model, ByteLevel decoder)")
 # Names of the end-of-document token in the byte-level BPE families, preferred over an Instruct model's eos.
