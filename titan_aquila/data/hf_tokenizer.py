@@ -11,17 +11,21 @@ ByteLevel(add_prefix_space=True) and anything else -> UserError naming what is s
 
 Ranks. tiktoken merges, inside each regex piece, the adjacent pair whose concatenation has the lowest rank; HF
 BPE the pair that comes first in the merge list. With rank = token id these agree when merge k produces a token
-whose id exceeds the ids of its two parts and of merge k-1's token (`check_merge_order`; true for GPT-2, SmolLM2,
-Llama 3, Qwen2 and every vocabulary the `tokenizers` trainer writes). Token strings are bytes through GPT-2's
-bytes_to_unicode. A multi-byte token that no merge produces is left out of the ranks unless the model sets
-`ignore_merges` (then HF, like tiktoken, takes a whole piece that is in the vocabulary as one token): otherwise
-tiktoken's whole-piece shortcut would emit a token HF never does.
+whose id exceeds the ids of its two parts and is not below merge k-1's token (`check_merge_order`, checked at load:
+a vocabulary that fails is refused), and when the pairs that meet inside a piece are merges of the list (true of
+vocabularies grown by BPE training and of those converted from tiktoken; tests/unit/test_hf_tokenizer.py compares
+the ids with `tokenizers`). Token strings are bytes through GPT-2's bytes_to_unicode. A multi-byte token that no
+merge produces is left out of the ranks unless the model sets `ignore_merges` (then HF, like tiktoken, takes a
+whole piece that is in the vocabulary as one token): otherwise tiktoken's whole-piece shortcut would emit a token
+HF never does.
 
 Special tokens. Every entry of `added_tokens` keeps its id as a tiktoken special token; `encode` never matches
 their text inside plain text (HF does): pretraining text that happens to contain "<|endoftext|>" stays text.
 Single bytes the vocabulary lacks: HF BPE drops them silently, tiktoken cannot encode them; the ASCII ones are
-stripped before encoding (the same result); lacking a lead byte of planes 4..16 (unassigned or private use), their
-characters become U+FFFD; a vocabulary lacking any other byte that UTF-8 uses is refused.
+stripped before encoding (the same ids, except where the stripped byte stood between two pieces that then merge,
+e.g. "a\x04b" in SmolLM2's vocabulary, which lacks six control bytes); lacking a lead byte of planes 4..16
+(unassigned or private use), their characters become U+FFFD; a vocabulary lacking any other byte UTF-8 uses is
+refused.
 """
 
 from __future__ import annotations
