@@ -110,15 +110,20 @@ def test_tokenizer_mismatches_are_clear_errors(hf_source, tmp_path):
     assert not (tmp_path / "ck2").exists()
 
 
-def _train_config(tmp: Path, ck: Path, **sections) -> Path:
+def _train_config(tmp: Path, ck: Path, grow: bool = False, **sections) -> Path:
+    """Train 2 steps on the imported checkpoint `ck` (step-0), or on it grown by one zero-initialised layer."""
     from _util import tiny_config
 
     saved = json.loads((ck / "model_args.json").read_text())
     overrides = {k: v for k, v in saved.items() if k not in ("use_grouped_mm", "max_seq_len", "z_loss_type")}
-    return tiny_config(tmp, overrides=overrides, checkpoint={"enable": True, "interval": 2, "initial_load_path":
-                                                             str(ck), "initial_load_model_only": True},
-                       training={"steps": 2, "seq_len": 32, "local_batch_size": 2},
-                       validation={"enable": True, "freq": 2, "steps": 1}, **sections)
+    start = {"checkpoint": {"enable": True, "interval": 2, "initial_load_path": str(ck),
+                            "initial_load_model_only": True}}
+    if grow:
+        overrides["n_layers"] += 1
+        start = {"checkpoint": {"enable": True, "interval": 2},
+                 "growth": {"enable": True, "source_path": str(ck), "methods": ["zero"], "seed": 5, "audit": False}}
+    return tiny_config(tmp, overrides=overrides, training={"steps": 2, "seq_len": 32, "local_batch_size": 2},
+                       validation={"enable": True, "freq": 2, "steps": 1}, **start, **sections)
 
 
 def _one_line_error(run, needle: str) -> None:
@@ -147,6 +152,21 @@ def test_training_on_an_imported_checkpoint_uses_and_records_its_tokenizer(hf_so
     # the shipped SmolLM2 tokenizer is not the checkpoint's: refused before training
     _one_line_error(run_train(_train_config(tmp_path, ck, name="run2"), "--model.tokenizer_path",
                               "assets/tokenizer/smollm2.tiktoken", timeout=300), "is a different tokenizer")
+
+
+def test_growth_at_load_is_recorded_and_exported(hf_source, tmp_path):
+    from _util import run_train
+
+    ck = import_hf(hf_source, tmp_path / "ck", **QUIET)
+    run = run_train(_train_config(tmp_path, ck, grow=True), timeout=300)
+    assert run.rc == 0, run.err
+    step = tmp_path / "run" / "checkpoint" / "step-2"
+    stages = json.loads((step / "metadata.json").read_text())["lineage"]["stages"]
+    assert [s["kind"] for s in stages] == ["import", "growth", "train"]
+    assert (stages[1]["methods"], stages[1]["seed"], stages[1]["source"]) == (["zero"], 5, str(ck.resolve()))
+    assert (step / "tokenizer" / "tokenizer.json").is_file()
+    card = (export_hf(step, tmp_path / "hf", **QUIET) / "README.md").read_text()
+    assert "**Growth**: zero" in card and "seed 5" in card
 
 
 def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path):
