@@ -108,6 +108,14 @@ def test_tokenizer_mismatches_are_clear_errors(hf_source, tmp_path):
     with pytest.raises(UserError, match="ids up to 599 but .* vocab_size 500"):
         import_hf(bad, tmp_path / "ck2", **QUIET)
     assert not (tmp_path / "ck2").exists()
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "tokenizer.json").unlink()  # no usable tokenizer: imported, but no run silently uses SmolLM2's ids
+    notes = []
+    ck3 = import_hf(bad, tmp_path / "ck3", log=notes.append)
+    assert "has no tokenizer.json" in notes[0] and not (ck3 / "tokenizer").exists()
+    with pytest.raises(UserError, match="carries no tokenizer .* set model.tokenizer_path"):
+        resolve_tokenizer("", ck3)
+    assert resolve_tokenizer(str(hf_source), ck3).vocab_size == 600  # told which one: fine
 
 
 def _train_config(tmp: Path, ck: Path, grow: bool = False, **sections) -> Path:

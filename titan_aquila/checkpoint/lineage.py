@@ -58,11 +58,16 @@ def start_checkpoint(cfg) -> Path | None:
 
 
 def resolve_tokenizer(given: str | None, step_dir: Path | None, what: str = "model.tokenizer_path"):
-    """The Tokenizer a run on `step_dir` uses: `given` if set, else the checkpoint's, else the shipped SmolLM2
-    vocabulary. UserError when `given` and the checkpoint's differ (by fingerprint: what decides the ids)."""
+    """The Tokenizer a run on `step_dir` uses: `given` if set, else the checkpoint's, else (a checkpoint with no
+    recorded history: fresh, GGUF import, older runs) the shipped SmolLM2 vocabulary. UserError when `given` and the
+    checkpoint's differ (by fingerprint: what decides the ids), or when an imported checkpoint has none."""
     from titan_aquila.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 
     own = checkpoint_tokenizer(step_dir)
+    if not given and own is None and read_lineage(step_dir).get("stages"):
+        # imported from a folder without a tokenizer we can use: the shipped SmolLM2 ids would be wrong for it
+        raise UserError(f"checkpoint {step_dir} carries no tokenizer (its source had no byte-level BPE "
+                        f"tokenizer.json); set {what} to the model's tokenizer")
     tok = Tokenizer(given) if given else Tokenizer(own if own is not None else DEFAULT_TOKENIZER)
     if given and own is not None:
         theirs = Tokenizer(own)

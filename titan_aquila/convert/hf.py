@@ -168,11 +168,17 @@ def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype:
     arch = export_arch(args, arch)
     out = Path(out)
     _prepare_out(out, overwrite, check_only=True)
-    tok = resolve_tokenizer(tokenizer, step_dir, "--tokenizer")
     lineage = read_lineage(step_dir)
-    if tokenizer or checkpoint_tokenizer(step_dir) or lineage.get("tokenizer"):
+    try:
+        tok = resolve_tokenizer(tokenizer, step_dir, "--tokenizer")
+    except UserError as e:
+        if tokenizer:
+            raise
+        log(f"note: {e}; no tokenizer files written")
+        tok = None
+    if tok is not None and (tokenizer or checkpoint_tokenizer(step_dir)):
         check_vocab_fits(tok, args.vocab_size, f"checkpoint {step_dir}")
-    elif tok.vocab_size > args.vocab_size:  # a model with no tokenizer of its own (e.g. a random toy model)
+    elif tok is not None and tok.vocab_size > args.vocab_size:  # no tokenizer of its own (e.g. a toy model)
         log(f"note: {step_dir} names no tokenizer and the shipped one does not fit its vocab_size "
             f"{args.vocab_size}: no tokenizer files written (pass --tokenizer)")
         tok = None
