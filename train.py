@@ -42,7 +42,10 @@ def check_context(args: ModelArgs, seq_len: int) -> None:
 def plan_job(cfg) -> tuple[ModelArgs, ParallelDims, int]:
     """What can be checked without torch: model args (flavor + overrides), parallel degrees against the world
     size, and the number of micro-batches per step."""
-    args = build_model_args(cfg.model.flavor, {**cfg.model.overrides, "z_loss_type": cfg.moe.z_loss_type})
+    m = cfg.moe  # [moe] options the model code needs (runtime choices, not weights)
+    args = build_model_args(cfg.model.flavor, {**cfg.model.overrides, "z_loss_type": m.z_loss_type,
+                                               "capacity_factor": m.capacity_factor,
+                                               "pad_to_capacity": m.pad_to_capacity})
     t = cfg.training
     check_context(args, t.seq_len)
     dims = ParallelDims.from_config(cfg.parallelism, world_info()[2])
@@ -72,8 +75,8 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     from titan_aquila.parallel.dist_utils import init_distributed
     from titan_aquila.parallel.parallelize import parallelize_model
     from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, resolve_tokenizer, start_checkpoint
-    from titan_aquila.train_utils import (collect_expert_load, full_grad_norm, load_fractions, reduce_mean,
-                                          training_loss, update_expert_bias)
+    from titan_aquila.train_utils import (collect_expert_load, drop_fractions, full_grad_norm, load_fractions,
+                                          reduce_mean, training_loss, update_expert_bias)
 
     t, v, m = cfg.training, cfg.validation, cfg.moe
     if cfg.job.print_config:
@@ -132,13 +135,18 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     if isinstance(audit, dict):
         metrics.write(0, {f"growth/{k}": audit[k] for k in ("source_loss", "grown_loss", "max_logit_diff")})
         metrics.log_validation(0, audit["grown_loss"], audit["tokens"],
-                               {int(k): v for k, v in audit.get("expert_load", {}).items()})
+                               {int(k): v for k, v in audit.get("expert_load", {}).items()},
+                               {int(k): v for k, v in audit.get("dropped_fraction", {}).items()})
 
     # compile.components 'loss': the CE (+ aux) objective as one graph (fuses the fp32 upcast of the large logits).
     loss_fn = training_loss
     if cfg.compile.enable and "loss" in cfg.compile.components:
         loss_fn = torch.compile(training_loss, backend=cfg.compile.backend)
         log(f"[parallelize] torch.compile ({cfg.compile.backend}) of the training loss")
+
+    def drops(load):  # capacity-factor routing: each MoE layer's dropped share of `load` (and reset the counters)
+        return drop_fractions(collect_expert_load(model, dp_group, "tokens_dropped"), load) if args.capacity_factor \
+            and args.is_moe else None
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -175,6 +183,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()  # also on a skipped step: the LR stays a function of the step number
             load = collect_expert_load(model, dp_group)  # all-reduced over dp ranks; counters reset
+            dropped = drops(load)
             if finite and m.bias_update_rate > 0:
                 update_expert_bias(model, load, m.bias_update_rate)
             metrics.step_finished(tokens_per_step)
@@ -185,11 +194,12 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
                     scalars["loss/load_balance"] = parts[1].item()
                 if args.is_moe or m.z_loss_type == "output_max":
                     scalars["loss/z"] = parts[2].item()
-                metrics.log_step(step, scalars, load_fractions(load), device)
+                metrics.log_step(step, scalars, load_fractions(load), device, dropped)
             if v.enable and (step % v.freq == 0 or step == t.steps):
                 val, n = validation_loss(model, val_loader, device, v.steps, autocast(), group=dp_group)
                 # Read (and reset) the validation tokens' expert counts so they never enter a training step's load.
-                metrics.log_validation(step, val, n, load_fractions(collect_expert_load(model, dp_group)))
+                val_load = collect_expert_load(model, dp_group)
+                metrics.log_validation(step, val, n, load_fractions(val_load), drops(val_load))
                 run_stage["validation_loss"], run_stage["validation_step"] = val, step
             ckpt.maybe_save(step)
         ckpt.maybe_save(t.steps, force=True)

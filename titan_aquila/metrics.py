@@ -111,7 +111,10 @@ class MetricsLogger:
         self._time += time.perf_counter() - self._t0
         self._tokens += global_tokens
 
-    def log_step(self, step: int, scalars: dict[str, float], expert_fracs: dict[int, list[float]], device) -> None:
+    def log_step(self, step: int, scalars: dict[str, float], expert_fracs: dict[int, list[float]], device,
+                 drop_fracs: dict[int, float] | None = None) -> None:
+        """drop_fracs (capacity-factor routing): layer -> fraction of its (token, slot) assignments dropped in
+        this step; the console shows the mean over layers and the worst layer."""
         tps = self._tokens / self._time if self._time > 0 else 0.0
         self._time, self._tokens = 0.0, 0
         mfu = 100 * tps * self.flops_per_token / (self.peak * self.n_devices) if self.peak > 0 else float("nan")
@@ -125,23 +128,30 @@ class MetricsLogger:
             parts.append(f"lb {scalars['loss/load_balance']:.4f}")
         if "loss/z" in scalars:
             parts.append(f"z {scalars['loss/z']:.4f}")
+        if drop_fracs:
+            parts.append(drop_summary(drop_fracs))
         parts += [f"lr {scalars['lr']:.2e}", f"gnorm {scalars['grad_norm']:.3f}", f"tok/s {tps:,.0f}",
                   f"mfu {mfu:.2f}%", f"peak mem {scalars['memory/max_gib']:.2f}GiB"]
         print("  ".join(parts), flush=True)
         self.write(step, scalars)
         for layer, fracs in expert_fracs.items():
             self.write(step, {f"moe/layer{layer}/expert{e}_frac": f for e, f in enumerate(fracs)})
+        self.write(step, {f"moe/layer{layer}/dropped_frac": f for layer, f in (drop_fracs or {}).items()})
 
     def log_validation(self, step: int, loss: float, n_tokens: int,
-                       expert_fracs: dict[int, list[float]] | None = None) -> None:
+                       expert_fracs: dict[int, list[float]] | None = None,
+                       drop_fracs: dict[int, float] | None = None) -> None:
         """The validation loss, and (MoE) each expert's share of the validation tokens' routing slots under
         `validation/moe/...`: the same held-out batches every time, so these curves show the router itself moving
         (step 0 is the growth audit's value, before any update)."""
         if self.rank == 0:
-            print(f"step {step:5d}  validation loss {loss:.4f}  ({n_tokens:,} tokens)", flush=True)
+            drops = f"  {drop_summary(drop_fracs)}" if drop_fracs else ""
+            print(f"step {step:5d}  validation loss {loss:.4f}  ({n_tokens:,} tokens){drops}", flush=True)
             self.write(step, {"validation/loss": loss})
             for layer, fracs in (expert_fracs or {}).items():
                 self.write(step, {f"validation/moe/layer{layer}/expert{e}_frac": f for e, f in enumerate(fracs)})
+            self.write(step, {f"validation/moe/layer{layer}/dropped_frac": f
+                              for layer, f in (drop_fracs or {}).items()})
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
@@ -151,6 +161,13 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def drop_summary(drop_fracs: dict[int, float]) -> str:
+    """'dropped 3.12% (max 5.00% layer 1)': assignments dropped at capacity, mean over MoE layers and the worst."""
+    worst = max(drop_fracs, key=drop_fracs.get)
+    mean = sum(drop_fracs.values()) / len(drop_fracs)
+    return f"dropped {100 * mean:.2f}% (max {100 * drop_fracs[worst]:.2f}% layer {worst})"
 
 
 def rank0_print(*args) -> None:

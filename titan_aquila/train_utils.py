@@ -74,14 +74,15 @@ def moe_modules(model: nn.Module) -> dict[int, nn.Module]:
 
 
 @torch.no_grad()
-def collect_expert_load(model: nn.Module, group=None) -> dict[int, torch.Tensor]:
-    """Tokens routed to each expert since the last call, summed over data-parallel ranks; resets the counters."""
+def collect_expert_load(model: nn.Module, group=None, buffer: str = "tokens_per_expert") -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert since the last call, summed over data-parallel ranks; resets the counters.
+    buffer="tokens_dropped": the assignments each expert dropped at capacity instead."""
     load = {}
     for layer, moe in sorted(moe_modules(model).items()):
-        counts = moe.tokens_per_expert.detach().clone().float()
+        counts = getattr(moe, buffer).detach().clone().float()
         if _distributed():
             dist.all_reduce(counts, group=group)
-        moe.tokens_per_expert.zero_()
+        getattr(moe, buffer).zero_()
         load[layer] = counts.cpu()
     return load
 
@@ -89,6 +90,11 @@ def collect_expert_load(model: nn.Module, group=None) -> dict[int, torch.Tensor]
 def load_fractions(load: dict[int, torch.Tensor]) -> dict[int, list[float]]:
     """layer -> each expert's share of the routed (token, slot) pairs."""
     return {layer: (c / c.sum().clamp(min=1)).tolist() for layer, c in load.items()}
+
+
+def drop_fractions(dropped: dict[int, torch.Tensor], load: dict[int, torch.Tensor]) -> dict[int, float]:
+    """layer -> fraction of its routed (token, slot) assignments dropped at capacity (same window as `load`)."""
+    return {layer: (d.sum() / load[layer].sum().clamp(min=1)).item() for layer, d in dropped.items()}
 
 
 @torch.no_grad()

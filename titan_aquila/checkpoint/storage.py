@@ -38,7 +38,8 @@ MODEL_ARGS, JOB_CONFIG, METADATA = "model_args.json", "job_config.json", "metada
 DCP_METADATA = ".metadata"
 # ModelArgs fields that are runtime choices (no weight depends on them); they may differ between a checkpoint
 # and the config that loads it. Same set as growth.plan_growth ignores.
-RUNTIME_FIELDS = ("use_grouped_mm", "max_seq_len", "z_loss_type", "init_std")
+RUNTIME_FIELDS = ("use_grouped_mm", "max_seq_len", "z_loss_type", "init_std", "capacity_factor",
+                  "pad_to_capacity")
 
 
 # ---- layout ------------------------------------------------------------------------------------------------

@@ -246,6 +246,13 @@ class MoE:
     bias_update_rate: float = 0.0
     """Step γ of DeepSeek-V3 aux-loss-free balancing: after each step every expert's routing bias moves ±γ
     towards balance; 0 = off."""
+    capacity_factor: float | None = None
+    """Token dropping: each expert takes at most ceil(c·k·T/E) of the T·k (token, slot) assignments of a
+    micro-batch (T = this rank's tokens), keeping the highest router weights; none or 0 = dropless. c >= E/k
+    never drops. "Llama 3 Meets MoE" trains with 4 and reaches its best MFU with 1."""
+    pad_to_capacity: bool = False
+    """With capacity_factor: pad each expert's tokens to exactly the capacity, so every expert GEMM and
+    expert-parallel all-to-all has the same shape each step (faster on GPUs, more FLOPs)."""
 
 
 @dataclass
@@ -375,6 +382,9 @@ class JobConfig:
              "float8.enable_fsdp_float8_all_gather", "false unless float8.recipe_name is 'tensorwise'")
         for name in ("load_balance_coeff", "z_loss_coeff", "bias_update_rate"):
             need(getattr(self.moe, name) >= 0, f"moe.{name}", ">= 0")
+        cf = self.moe.capacity_factor
+        need(cf is None or (math.isfinite(cf) and cf >= 0), "moe.capacity_factor", "none, 0 (dropless) or > 0")
+        need(not self.moe.pad_to_capacity or bool(cf), "moe.pad_to_capacity", "false unless moe.capacity_factor > 0")
         need(not g.enable or bool(g.source_path), "growth.source_path", "set when growth.enable is true")
         need(not g.enable or bool(g.methods), "growth.methods", "non-empty when growth.enable is true")
         need(g.noise_std >= 0, "growth.noise_std", ">= 0")

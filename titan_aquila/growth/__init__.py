@@ -102,7 +102,8 @@ def plan_growth(methods: list[str], src_args: ModelArgs, target_args: ModelArgs,
         target_args = target_args.replace(**{f: getattr(after, f) for f in method.fields
                                              if getattr(after, f) != getattr(target_for_step, f)})
         args = after
-    ignore = {"use_grouped_mm", "max_seq_len", "z_loss_type", "init_std"}  # runtime choices, not weights
+    # Runtime choices, not weights.
+    ignore = {"use_grouped_mm", "max_seq_len", "z_loss_type", "init_std", "capacity_factor", "pad_to_capacity"}
     for f in dataclasses.fields(ModelArgs):
         if f.name in ignore or f.name in owned:
             continue

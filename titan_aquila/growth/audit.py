@@ -2,7 +2,9 @@
 
     audit = {source loss, grown loss, max |logits_grown - logits_source|} over the same tokens
 
-A function-preserving growth shows equal losses and a logit difference at float rounding level.
+A function-preserving growth shows equal losses and a logit difference at float rounding level. With a capacity
+factor (moe.capacity_factor) the grown MoE drops the assignments over its experts' capacity, so even an exact
+upcycling differs from its source: the audit then also reports each MoE layer's fraction of dropped assignments.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from titan_aquila.checkpoint.storage import read_model_state_dict, resolve_check
 from titan_aquila.evaluate import _all_reduce
 from titan_aquila.models.aquila import build_model
 from titan_aquila.parallel.dist_utils import world_info
-from titan_aquila.train_utils import collect_expert_load, load_fractions
+from titan_aquila.metrics import drop_summary
+from titan_aquila.train_utils import collect_expert_load, drop_fractions, load_fractions
 
 
 @torch.no_grad()
@@ -60,18 +63,27 @@ def write_audit(folder: str | Path, audit: dict) -> Path:
 def run_growth_audit(cfg, plan, model, val_loader, device, dp_group, log=print) -> dict:
     """Source vs freshly grown model on the same held-out batches, before any update (logged, and saved to
     <dump_folder>/growth_audit.json): a function-preserving growth shows equal losses and ~0 logit difference."""
-    src = build_model(plan.src_args, device="cpu")
+    # The source runs with the job's capacity setting too (a dense source has no experts to drop from).
+    src = build_model(plan.src_args.replace(capacity_factor=plan.dst_args.capacity_factor,
+                                            pad_to_capacity=plan.dst_args.pad_to_capacity), device="cpu")
     src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(cfg.growth.source_path)), strict=True)
     audit = {"methods": plan.describe(), **growth_audit(src.to(device), model, val_loader, device,
                                                         cfg.growth.audit_steps, group=dp_group)}
     # The grown model's expert counts from the audit batches (also resets them before training step 1).
-    fracs = load_fractions(collect_expert_load(model, dp_group))
+    load = collect_expert_load(model, dp_group)
+    fracs = load_fractions(load)
+    drops = drop_fractions(collect_expert_load(model, dp_group, "tokens_dropped"), load)
     if fracs:
         audit["expert_load"] = {str(layer): f for layer, f in fracs.items()}
+    if fracs and plan.dst_args.capacity_factor:
+        audit["dropped_fraction"] = {str(layer): f for layer, f in drops.items()}
     used = [sum(x > 0 for x in f) for f in fracs.values()]
+    capacity = f"  capacity factor {plan.dst_args.capacity_factor}: {drop_summary(drops)}" \
+        if "dropped_fraction" in audit else ""
     log(f"growth audit ({audit['methods']}): source loss {audit['source_loss']:.4f}  grown loss "
         f"{audit['grown_loss']:.4f}  max |logit diff| {audit['max_logit_diff']:.3e}"
-        f"{f'  experts used per MoE layer {min(used)}..{max(used)} of {plan.dst_args.n_experts}' if used else ''}")
+        f"{f'  experts used per MoE layer {min(used)}..{max(used)} of {plan.dst_args.n_experts}' if used else ''}"
+        f"{capacity}")
     if world_info()[0] == 0:
         write_audit(cfg.job.dump_folder, audit)
     return audit

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 
 from titan_aquila.errors import UserError
@@ -67,6 +68,11 @@ class ModelArgs:
     """Router z-loss: 'router_lse' mean(logsumexp(z)^2), 'router_max' mean(max(z)^2); 'output_max' is on LM logits."""
     use_grouped_mm: bool = True
     """Compute experts with torch._grouped_mm where the device supports it (else an exact per-expert loop)."""
+    capacity_factor: float | None = None
+    """Token dropping (models/capacity.py): each expert takes at most ceil(c k T / E) of the T k (token, slot)
+    assignments of a micro-batch, by router weight; None or 0 = dropless. A runtime choice (set by [moe])."""
+    pad_to_capacity: bool = False
+    """With capacity_factor: pad every expert's group to exactly its capacity (static expert shapes)."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -113,6 +119,10 @@ class ModelArgs:
             need(self.moe_layer_step >= 1, f"model.moe_layer_step must be >= 1, got {self.moe_layer_step}")
             need(self.moe_ffn_dim >= 1, f"model.moe_ffn_dim must be >= 1, got {self.moe_ffn_dim}")
             need(self.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        c = self.capacity_factor
+        need(c is None or (math.isfinite(c) and c >= 0), f"moe.capacity_factor must be none or >= 0, got {c}")
+        need(not self.pad_to_capacity or bool(c), "moe.pad_to_capacity needs moe.capacity_factor > 0 "
+             "(a dropless MoE has no capacity to pad to)")
         return self
 
     # ---- sizes -----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Mixture of Experts feed-forward: linear router, top-k routing, dropless grouped experts, auxiliary losses.
+"""Mixture of Experts feed-forward: linear router, top-k routing, grouped experts (dropless, or capacity-factor
+token dropping), auxiliary losses.
 
 For a token x with router logits z = W_r x (no bias) and p = softmax(z):
 
@@ -8,6 +9,13 @@ For a token x with router logits z = W_r x (no bias) and p = softmax(z):
 
 b is the aux-loss-free balancing bias (DeepSeek-V3): it changes which experts are selected, never the weights.
 With E identical experts and 'topk_softmax', y = FFN(x): an upcycled MoE starts as the dense model.
+
+Dropless by default: every expert computes every (token, slot) assignment routed to it. With a capacity factor c
+(`capacity_factor`, models/capacity.py), each expert takes at most C = min(ceil(c k T / E), T) of the T k assignments
+of the micro-batch (T = this rank's tokens), keeping the highest router weights w_i (ties: the lower token index);
+a dropped assignment's term leaves the sum above, so a token with every slot dropped gets y = shared expert only
+(the residual passes it on). `pad_to_capacity` fills every expert's group to exactly C rows (static shapes).
+The aux losses below and `tokens_per_expert` use the routing before dropping; `tokens_dropped` counts the drops.
 
 Auxiliary losses, returned raw (the trainer applies the coefficients), over the T tokens of the batch:
     load_balance = N / (k T) * sum_i count_i * P_i,   P_i = mean_x p_i(x)      (Megatron form; 1 when uniform)
@@ -21,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan_aquila.models.args import ModelArgs
+from titan_aquila.models.capacity import capacity_dispatch, expert_capacity, expert_counts, padded_expert_swiglu
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -65,8 +74,12 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+        """Rows grouped by expert, counts_E[e] for expert e; `capacity` C: exactly C rows per expert (padded)."""
         w1, w2, w3 = self.w1, self.w2, self.w3
+        if capacity is not None:  # fixed [E, C, D] groups: batched GEMMs, static shapes (also compiled in fp32)
+            E = w1.shape[0]
+            return padded_expert_swiglu(x_ND.view(E, capacity, -1), w1, w2, w3).reshape(E * capacity, -1)
         # torch.compile lowers _grouped_mm only for bf16 inputs (fp32 raises "Expected inputs of BF16 type").
         grouped = self.use_grouped_mm and grouped_mm_supported(x_ND) and \
             not (torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16)
@@ -117,13 +130,16 @@ def router_z_loss(logits_TE: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Router + dropless grouped experts (+ optional shared expert). forward returns (y, [load_balance, z])."""
+    """Router + grouped experts, dropless or with a capacity factor (+ optional shared expert).
+    forward returns (y, [load_balance, z])."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         from titan_aquila.models.aquila import FeedForward  # local: aquila.py imports this module
 
         self.n_experts, self.top_k, self.z_loss_type = args.n_experts, args.top_k, args.z_loss_type
+        self.capacity_factor = args.capacity_factor or None  # None (or 0) = dropless
+        self.pad_to_capacity = args.pad_to_capacity
         self.router = TopKRouter(args.dim, args.n_experts, args.top_k, args.router_order, args.route_scale)
         self.experts = GroupedExperts(args.dim, args.moe_ffn_dim, args.n_experts, args.use_grouped_mm)
         self.shared_expert = (FeedForward(args.dim, args.n_shared_experts * args.moe_ffn_dim)
@@ -134,21 +150,29 @@ class MoE(nn.Module):
         # (not persistent: the trainer reads and resets them for logging and for the bias update).
         self.register_buffer("expert_bias", torch.zeros(args.n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_experts), persistent=False)
+        # Assignments each expert dropped at capacity (same lifetime as tokens_per_expert; 0 when dropless).
+        self.register_buffer("tokens_dropped", torch.zeros(args.n_experts), persistent=False)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = x_BTD.shape
         x = x_BTD.reshape(-1, D)
         idx, weights, logits, probs = self.router(x, self.expert_bias)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)
+        counts = expert_counts(idx.reshape(-1), self.n_experts)
         with torch.no_grad():
             self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
 
-        # Dispatch: sort the T*k (token, slot) pairs by expert so each expert's tokens are contiguous.
-        order = torch.argsort(idx.reshape(-1), stable=True)
-        token_of = order // self.top_k
-        out = self.experts(x[token_of], counts)
-        out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
-        y = torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(self.capacity_factor, self.top_k, x.shape[0], self.n_experts)
+            y, dropped = capacity_dispatch(x, idx, weights, counts, self.experts, capacity, self.pad_to_capacity)
+            with torch.no_grad():
+                self.tokens_dropped.add_(dropped.to(self.tokens_dropped.dtype))
+        else:
+            # Dispatch: sort the T*k (token, slot) pairs by expert so each expert's tokens are contiguous.
+            order = torch.argsort(idx.reshape(-1), stable=True)
+            token_of = order // self.top_k
+            out = self.experts(x[token_of], counts)
+            out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+            y = torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
 
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
@@ -167,3 +191,4 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_expert_gate.weight, std=init_std)
         self.expert_bias.zero_()
         self.tokens_per_expert.zero_()
+        self.tokens_dropped.zero_()

@@ -9,6 +9,11 @@ still see the usual [E, ...] tensors. One MoE step on ep rank r (rows of x arriv
     a2a(x)         -> rows for my experts, in (source, expert) order; regroup to (expert, source) order
     grouped SwiGLU on my E/ep experts with counts recv.sum(0); inverse regroup; a2a back -> rows in the input order
 
+With capacity padding (moe.pad_to_capacity, capacity C per expert, computed from each rank's own tokens as Megatron
+does) every (source rank, expert) block holds exactly C rows, so the counts exchange and its host synchronisation are
+skipped: each rank sends and receives (E/ep)·C rows per peer, and the local experts run as one batched GEMM per weight
+on [E/ep, ep·C, D].
+
 Both row all-to-alls are `all_to_all_single` with uneven (possibly zero) splits (list-form all_to_all fails on gloo,
 cpu-facts trap 5); the autograd version sends gradients back the same way. The router, the aux losses and
 `tokens_per_expert` run on each rank's own tokens before dispatch, so the counts stay per expert [E] on every rank
@@ -30,6 +35,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from titan_aquila.errors import UserError
 from titan_aquila.metrics import rank0_print
+from titan_aquila.models.capacity import padded_expert_swiglu
 from titan_aquila.models.moe import expert_swiglu, grouped_mm_supported
 
 
@@ -66,8 +72,12 @@ class ExpertParallelExperts(nn.Module):
             self.register_parameter(name, nn.Parameter(distribute_tensor(full.data, ep_mesh, [Shard(0)])))
 
     @torch.compiler.disable  # data-dependent split sizes (.tolist()) and collectives: keep this part eager
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
         ep, local = self.ep, counts.numel() // self.ep
+        w = [_ScaleGrad.apply(p.to_local() if isinstance(p, DTensor) else p, 1.0 / ep).to(x_sorted.dtype)
+             for p in (self.w1, self.w2, self.w3)]
+        if capacity is not None:
+            return self._forward_padded(x_sorted, w, local, capacity)
         counts = counts.to(torch.int64)
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.group)
@@ -82,11 +92,20 @@ class ExpertParallelExperts(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
 
-        w = [_ScaleGrad.apply(p.to_local() if isinstance(p, DTensor) else p, 1.0 / ep).to(x_recv.dtype)
-             for p in (self.w1, self.w2, self.w3)]
         grouped = self.use_grouped_mm and grouped_mm_supported(x_recv)
         y = expert_swiglu(x_recv[order], w[0], w[1], w[2], recv.sum(0).to(x_recv.device), grouped)
         return all_to_all_single_autograd(y[inverse].contiguous(), send_splits, recv_splits, self.group)
+
+    def _forward_padded(self, x_pad: torch.Tensor, w: list[torch.Tensor], local: int, capacity: int) -> torch.Tensor:
+        """Rows: E groups of exactly `capacity` (expert-major), the same C on every rank (equal local batches)."""
+        ep, D = self.ep, x_pad.shape[-1]
+        splits = [local * capacity] * ep
+        x_recv = all_to_all_single_autograd(x_pad.contiguous(), splits, splits, self.group)
+        # Arrived as [source, local expert, C]; each local expert's ep·C rows side by side: [local, ep·C, D].
+        x_e = x_recv.view(ep, local, capacity, D).transpose(0, 1).reshape(local, ep * capacity, D)
+        y = padded_expert_swiglu(x_e, w[0], w[1], w[2])
+        y = y.view(local, ep, capacity, D).transpose(0, 1).reshape(ep * local * capacity, D)
+        return all_to_all_single_autograd(y, splits, splits, self.group)
 
 
 def apply_ep(model: nn.Module, dims) -> None:

@@ -92,16 +92,18 @@ def apply_compile(model: nn.Module, cfg, dims: ParallelDims) -> None:
 
     Under TP, attention and feed-forward are compiled separately (cpu-facts trap 3: a whole compiled block fails in
     backward with DTensor activations). Dense blocks compile with fullgraph=True; MoE blocks allow graph breaks
-    (bincount's output size is data-dependent). `torch._grouped_mm` compiles only in bf16 (trap 4), so unless
-    FSDP computes in bf16 the experts stay eager (they are already a single grouped GEMM per weight); EP experts
-    are always eager (all-to-all with data-dependent splits)."""
+    (dropless expert groups have data-dependent sizes). `torch._grouped_mm` compiles only in bf16 (trap 4), so unless
+    FSDP computes in bf16 the experts stay eager (they are already a single grouped GEMM per weight), except with
+    moe.pad_to_capacity, whose fixed [E, C, D] groups are batched GEMMs that compile in any dtype; EP experts are
+    always eager (all-to-all with data-dependent splits)."""
     comp = cfg.compile
     bf16 = _bf16_compute(cfg, dims)
     eager_experts = 0
     for name, block in list(model.layers.items()):
         inner = getattr(block, "_checkpoint_wrapped_module", block)
         moe = getattr(inner, "moe", None)
-        if moe is not None and not bf16 and not getattr(moe.experts.forward, "_torchdynamo_disable", False):
+        if moe is not None and not bf16 and not moe.pad_to_capacity and \
+                not getattr(moe.experts.forward, "_torchdynamo_disable", False):
             moe.experts.forward = torch.compiler.disable(moe.experts.forward)
             eager_experts += 1
         if dims.tp_enabled:
