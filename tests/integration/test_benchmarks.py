@@ -75,6 +75,23 @@ def test_moe_cost(tmp_path):
     assert ops & {"aten::_grouped_mm", "aten::mm", "aten::index_add_"}, ops
 
 
+
+def test_moe_capacity(tmp_path):
+    doc = run_bench("bench_moe_capacity", tmp_path)
+    s = doc["shapes"]
+    T, k, E = s["batch"] * s["seq"], s["top_k"], s["experts"]
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert sorted(rows) == ["c=1", "c=1 padded", "dropless"]
+    assert rows["dropless"]["dropped_fraction"] == 0 and rows["dropless"]["expert_rows_per_layer_step"] == T * k
+    assert rows["dropless"]["vs_dropless"] == 1.0
+    for name in ("c=1", "c=1 padded"):
+        r = rows[name]
+        assert r["capacity"] == -(-T * k // E) and 0 < r["dropped_fraction"] < 0.5 and positive(r["vs_dropless"])
+    assert rows["c=1 padded"]["expert_rows_per_layer_step"] == E * rows["c=1"]["capacity"]
+    assert rows["c=1"]["expert_rows_per_layer_step"] == pytest.approx(T * k * (1 - rows["c=1"]["dropped_fraction"]))
+    layer = {r["variant"]: r for r in doc["moe_layer_eager"]}
+    assert sorted(layer) == sorted(rows) and all(positive(r["layer_ms"]) for r in layer.values())
+
 def test_growth(tmp_path):
     doc = run_bench("bench_growth", tmp_path, "--workdir", str(tmp_path / "work"))
     (row,) = doc["results"]
