@@ -52,13 +52,13 @@ def moe_layers(model) -> list:
     return list(moe_modules(model).values())
 
 
-def run_mode(a, mode: str) -> list[dict]:
+def run_mode(a, mode: str) -> tuple[list[dict], dict]:
+    """The interleaved steps of every variant in `mode`; returns the rows and the models (name -> model)."""
     from titan_aquila.models.capacity import expert_capacity
 
     T = a.batch * a.seq
     tokens, labels = random_batch(a.vocab, a.batch, a.seq, a.seed)
     steps, models, rows = {}, {}, []
-    a.models = models  # the eager ones are timed again layer by layer
     for name, c, pad in variants(a.factor_list):
         args = llama_args(a.dim, a.layers, a.vocab, a.seq, head_dim=a.dim // a.heads, n_experts=a.experts,
                           top_k=a.top_k, moe_ffn_dim=a.expert_ffn_dim, capacity_factor=c, pad_to_capacity=pad)
@@ -82,7 +82,7 @@ def run_mode(a, mode: str) -> list[dict]:
                      "step_ms": med(pr[name]) * 1e3, "vs_dropless": ratio(pr, name, "dropless"),
                      "dropped_fraction": frac, "expert_rows_per_layer_step": computed,
                      "per_round_ms": [t * 1e3 for t in pr[name]]})
-    return rows
+    return rows, models
 
 
 def layer_rows(a, models: dict) -> list[dict]:
@@ -129,10 +129,11 @@ def main(argv=None) -> int:
     setup(a)
     rows, layer = [], []
     for mode in a.modes.split(","):
-        rows += run_mode(a, mode)
+        mode_rows, models = run_mode(a, mode)
+        rows += mode_rows
         if mode == "eager":
             print("MoE layer 0 alone, forward + backward, eager", flush=True)
-            layer = layer_rows(a, a.models)
+            layer = layer_rows(a, models)
         torch._dynamo.reset()
     print(f"\n{'mode':9} {'variant':16} {'C':>5} {'step ms':>9} {'vs dropless':>12} {'dropped':>8} {'expert rows':>12}")
     for r in rows:
