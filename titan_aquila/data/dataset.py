@@ -1,5 +1,9 @@
 """Text -> packed token windows -> a resumable, data-parallel-sharded `StatefulDataLoader`.
 
+Prepared data. A folder made by `python -m titan_aquila.data prepare` (it has an index.json) is read memory-mapped
+instead (prepared.py): the same stream, no tokenization, no corpus in RAM. Raw text and prepared folders cannot be
+mixed in one path list; several prepared folders are concatenated in the order given.
+
 Documents. Each `.txt` file is one document; each line of a `.jsonl` file is one document (its "text" field).
 Folders are searched recursively (hidden entries skipped) and files are read in sorted order, so the stream is
 the same on every rank and every run. Blank documents are skipped.
@@ -130,6 +134,18 @@ def tokenize_documents(paths: list[str] | str, tokenizer) -> torch.Tensor:
     return stream
 
 
+def load_tokens(paths: list[str] | str, tokenizer):
+    """The packed stream of `paths`: memory-mapped prepared folders, or raw text tokenized now."""
+    from titan_aquila.data.prepared import TokenStream, is_prepared
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    prepared = [is_prepared(p) for p in paths]
+    if any(prepared) and not all(prepared):
+        raise UserError(f"data paths mix prepared folders and raw text ({_describe(list(map(Path, paths)))}): "
+                        f"prepare the raw text too (python -m titan_aquila.data prepare) or list them separately")
+    return TokenStream(paths, tokenizer) if paths and all(prepared) else tokenize_documents(paths, tokenizer)
+
+
 def split_validation(tokens: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(s[0..c), s[c..N)) with c = N - round(holdout * N): the training part and the held-out tail."""
     if not 0.0 < holdout < 1.0:
@@ -182,9 +198,9 @@ class PackedWindows(IterableDataset):
         if self.restart:
             self.epoch, self.pos = 0, 0
         while True:
-            ids = self.rank_windows(self.epoch)[worker::n_workers].tolist()
+            ids = self.rank_windows(self.epoch)[worker::n_workers]  # a tensor: 8 bytes per window, not a list
             while self.pos < len(ids):
-                w = ids[self.pos]
+                w = int(ids[self.pos])
                 self.pos += 1  # advanced before yielding: a snapshot taken now resumes at the next window
                 window = self.tokens[w * T: w * T + T + 1].long()
                 yield window[:-1], window[1:]
@@ -222,7 +238,7 @@ def build_dataloader(paths: list[str] | str | None, tokenizer, seq_len: int, loc
     _check_loader_args(local_batch_size, num_workers)
     paths = paths or default_train_paths()
     source = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
-    tokens = tokenize_documents(paths, tokenizer)
+    tokens = load_tokens(paths, tokenizer)
     if holdout:
         tokens = split_validation(tokens, holdout)[0]
         source = f"the first {1 - holdout:g} of {source}"
@@ -242,12 +258,12 @@ def build_validation_dataloader(paths: list[str] | str | None, tokenizer, seq_le
     if holdout:
         paths = paths or default_train_paths()
         source = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
-        tokens = split_validation(tokenize_documents(paths, tokenizer), holdout)[1]
+        tokens = split_validation(load_tokens(paths, tokenizer), holdout)[1]
         source = f"the held-out last {holdout:g} of {source}"
     else:
         paths = paths or default_validation_paths()
         source = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
-        tokens = tokenize_documents(paths, tokenizer)
+        tokens = load_tokens(paths, tokenizer)
     dataset = PackedWindows(tokens, seq_len, dp_rank, dp_degree, infinite=False, shuffle=False, source=source,
                             restart=True)
     return StatefulDataLoader(dataset, batch_size=local_batch_size, num_workers=0, drop_last=False)
