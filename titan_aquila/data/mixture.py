@@ -109,8 +109,9 @@ class MixtureLoader:
     """Batches (inputs, labels) of a mixture; counts this rank's training tokens per source (`source_tokens`),
     which travel with the loader's state through checkpoints."""
 
-    def __init__(self, loader: StatefulDataLoader, names: list[str], seq_len: int):
+    def __init__(self, loader: StatefulDataLoader, names: list[str], weights: list[float], seq_len: int):
         self.loader, self.names, self.seq_len = loader, names, seq_len
+        self.mixture = [names, weights, seq_len]
         self.source_tokens = [0] * len(names)
 
     def __iter__(self):
@@ -120,11 +121,13 @@ class MixtureLoader:
             yield inputs, labels
 
     def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict(), "source_tokens": list(self.source_tokens)}
+        return {"loader": self.loader.state_dict(), "source_tokens": list(self.source_tokens),
+                "mixture": self.mixture}
 
     def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["loader"])
-        self.source_tokens = [int(n) for n in state["source_tokens"]]
+        self.loader.load_state_dict(state["loader"])  # (the dataset itself warns if it is another mixture)
+        if state.get("mixture") == self.mixture:
+            self.source_tokens = [int(n) for n in state["source_tokens"]]
 
 
 def _check_prepared(source: Source, path: str, what: str) -> None:
@@ -143,7 +146,7 @@ def build_mixture_loader(sources: list[Source], tokenizer, seq_len: int, local_b
                                    seed=seed + 7919 * (i + 1), source=f"training.datasets.{src.name}"))
     dataset = MixedWindows(parts, [s.weight for s in sources], seed, dp_rank, dp_degree)
     loader = StatefulDataLoader(dataset, batch_size=local_batch_size, num_workers=num_workers, drop_last=False)
-    return MixtureLoader(loader, [s.name for s in sources], seq_len)
+    return MixtureLoader(loader, [s.name for s in sources], [s.weight for s in sources], seq_len)
 
 
 def build_loaders(cfg, tokenizer, dp_rank: int, dp_degree: int, validation: bool):
