@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -123,7 +125,9 @@ def tokenize_documents(paths: list[str] | str, tokenizer) -> torch.Tensor:
     if not docs:
         raise UserError(f"no text in {len(files)} file(s): {_describe(files)}")
     chunks = []
+    progress = _Progress(sum(map(len, docs)))
     for i in range(0, len(docs), 512):  # bounded batches: python int lists of a large corpus are 28 bytes/token
+        progress.update(sum(map(len, docs[i:i + 512])))
         batch = tokenizer.encode_batch(docs[i:i + 512])
         total = sum(map(len, batch)) + len(batch)
         chunks.append(np.fromiter(itertools.chain.from_iterable(ids + [tokenizer.eos_id] for ids in batch),
@@ -144,6 +148,25 @@ def load_tokens(paths: list[str] | str, tokenizer):
         raise UserError(f"data paths mix prepared folders and raw text ({_describe(list(map(Path, paths)))}): "
                         f"prepare the raw text too (python -m titan_aquila.data prepare) or list them separately")
     return TokenStream(paths, tokenizer) if paths and all(prepared) else tokenize_documents(paths, tokenizer)
+
+
+class _Progress:
+    """A line every 10 s while a large raw corpus is tokenized at start-up (rank 0 only; every rank tokenizes)."""
+
+    def __init__(self, total_chars: int, every: float = 10.0):
+        self.total, self.done, self.every = total_chars, 0, every
+        self.t0 = self.last = time.perf_counter()
+        self.show = os.environ.get("RANK", "0") == "0"
+
+    def update(self, chars: int) -> None:
+        now = time.perf_counter()
+        if self.show and now - self.last >= self.every:
+            self.last = now
+            rate = self.done / 1e6 / (now - self.t0)
+            print(f"tokenize: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} M characters "
+                  f"({100 * self.done / max(self.total, 1):.0f}%), {rate:.2f} M/s; a corpus prepared once "
+                  f"(python -m titan_aquila.data prepare) starts without this", flush=True)
+        self.done += chars
 
 
 def split_validation(tokens: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
