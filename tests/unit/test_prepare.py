@@ -108,6 +108,7 @@ def test_progress_lines_and_up_to_date_and_atomic_replace(tmp_path, corpus):
     assert "is up to date" in log.getvalue()
     # new input: the folder is replaced by the complete new one, no temporary folder is left next to it
     (corpus / "z.txt").write_text("one more document")
+    (tmp_path / ".prep.tmp-4194305").mkdir()  # left by a killed run (no such process): removed
     try:
         second = prepare([corpus], out, DEFAULT_TOKENIZER, workers=1, stream=io.StringIO())
     finally:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from titan_aquila.data.prepared import FORMAT, INDEX_NAME, is_prepared, tokenizer_fingerprint
+from titan_aquila.data.progress import Progress
 from titan_aquila.errors import UserError
 
 KINDS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".txt": "txt", ".parquet": "parquet"}
@@ -226,40 +227,14 @@ def _report(counters, nbytes: int, ntokens: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main side
-class Progress:
-    """One line every `every` seconds: input MB done / total, MB/s overall and per worker process, tokens, ETA.
-    On a terminal the line is rewritten in place; in a pipe or a log each update is its own line."""
-
-    def __init__(self, total_bytes: int, workers: int, every: float, stream=None):
-        self.total, self.workers, self.every = max(total_bytes, 1), workers, every
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.t0 = self.last = time.perf_counter()
-        self.open_line = False  # a terminal line waiting for its newline
-
-    def update(self, done: int, tokens: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        elapsed = max(now - self.t0, 1e-9)
-        rate = done / 1e6 / elapsed
-        eta = (self.total - done) / 1e6 / rate if rate > 0 else float("inf")
-        line = (f"prepare: {done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB ({100 * done / self.total:.0f}%)  "
-                f"{rate:.2f} MB/s ({rate / self.workers:.2f} per process)  {tokens / 1e6:,.2f}M tokens  "
-                f"eta {f'{eta:.0f}s' if eta != float('inf') else '-'}")
-        self.stream.write(("\r" + line + " " * 4) if self.tty else line + "\n")
-        self.stream.flush()
-        self.open_line = self.tty
-
-    def close(self) -> None:
-        if self.open_line:
-            self.stream.write("\n")
-            self.open_line = False
-
-
-def _inputs_signature(files: list[Path]) -> list[dict]:
-    return [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer_path: str | Path, *, workers: int = 0,
@@ -273,7 +248,7 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer_path: str | Pat
     tokenizer = Tokenizer(tokenizer_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
     files = find_corpus_files(inputs)
-    signature = _inputs_signature(files)
+    signature = [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
     if out.exists() and not is_prepared(out) and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not a prepared data folder; choose another path")
     if is_prepared(out):
@@ -290,8 +265,10 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer_path: str | Pat
     dtype = token_dtype(tokenizer.vocab_size)
     workers = min(workers or os.cpu_count() or 1, len(units)) or 1
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run (never read): remove it
+        if not _alive(int(stale.name.rsplit("-", 1)[1])) or stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads (tiktoken, torch)
     counters = ctx.Array("q", 2)
