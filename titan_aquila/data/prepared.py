@@ -72,7 +72,8 @@ def check_tokenizer(index: dict, folder: Path, tokenizer) -> None:
         raise UserError(f"prepared data {folder} was tokenized with another tokenizer ({index['tokenizer']}, "
                         f"fingerprint {index['tokenizer_fingerprint'][:12]}, separator {index['eos_id']}) than "
                         f"this run's ({getattr(tokenizer, 'path', '?')}, fingerprint {want[:12]}, separator "
-                        f"{tokenizer.eos_id}): prepare it again with model.tokenizer_path's tokenizer")
+                        f"{tokenizer.eos_id}): prepare it again (python -m titan_aquila.data prepare ... --tokenizer "
+                        f"{getattr(tokenizer, 'path', '?')})")
 
 
 class TokenStream:
