@@ -12,7 +12,7 @@ import torch
 
 from titan_aquila.data.dataset import build_dataloader, tokenize_documents
 from titan_aquila.data.prepare import prepare
-from titan_aquila.data.prepared import TokenStream, tokenizer_fingerprint
+from titan_aquila.data.prepared import TokenStream
 from titan_aquila.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from titan_aquila.errors import UserError
 
@@ -144,8 +144,7 @@ def test_other_tokenizer_is_refused(tmp_path, tok, corpus):
     lines[100], lines[200] = f"{a_tok} {b_rank}", f"{b_tok} {a_rank}"
     (tmp_path / "other.tiktoken").write_text("\n".join(lines) + "\n")
     other = Tokenizer(tmp_path / "other.tiktoken")
-    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
-    assert tokenizer_fingerprint(Tokenizer(DEFAULT_TOKENIZER)) == tokenizer_fingerprint(tok)  # stable
+    assert other.fingerprint != tok.fingerprint and Tokenizer(DEFAULT_TOKENIZER).fingerprint == tok.fingerprint
     prepare([corpus], tmp_path / "prep", DEFAULT_TOKENIZER, workers=1, stream=io.StringIO())
     with pytest.raises(UserError, match=r"prep was tokenized with another tokenizer .*prepare it again"):
         TokenStream([tmp_path / "prep"], other)
@@ -168,3 +167,28 @@ def test_uint32_shards_for_a_large_vocabulary(tmp_path, tok, corpus, monkeypatch
     assert shard.stat().st_size == 4 * index["shards"][0]["n_tokens"]
     assert torch.equal(TokenStream([tmp_path / "prep"], tok)[:], tokenize_documents([str(corpus)], tok))
     assert np.fromfile(shard, dtype=np.uint32).max() < tok.vocab_size
+
+
+def test_hf_tokenizer_json_round_trip(tmp_path, tok, corpus):
+    """A byte-level BPE tokenizer.json (Llama-3 split regex, trained by `tokenizers` on the fixture): the worker
+    processes load it from the folder and the shards equal its direct tokenization; the SmolLM2 run refuses them."""
+    hf_lib = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+    hf = hf_lib.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    fixture = sorted(str(p) for p in (DEFAULT_TOKENIZER.parents[1] / "text").rglob("*.txt"))
+    hf.train(fixture, trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>"], show_progress=False,
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    hf.save(str(tmp_path / "tok" / "tokenizer.json"))
+    mine = Tokenizer(tmp_path / "tok")
+    index = prepare([corpus], tmp_path / "prep", tmp_path / "tok", workers=2, unit_mb=0.005, stream=io.StringIO())
+    assert index["tokenizer_fingerprint"] == mine.fingerprint != tok.fingerprint and len(index["shards"]) > 1
+    assert torch.equal(TokenStream([tmp_path / "prep"], mine)[:], tokenize_documents([str(corpus)], mine))
+    with pytest.raises(UserError, match="tokenized with another tokenizer"):
+        TokenStream([tmp_path / "prep"], tok)

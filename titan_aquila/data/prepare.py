@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from titan_aquila.data.prepared import FORMAT, INDEX_NAME, is_prepared, tokenizer_fingerprint
+from titan_aquila.data.prepared import FORMAT, INDEX_NAME, is_prepared
 from titan_aquila.data.progress import Progress
 from titan_aquila.errors import UserError
 
@@ -246,7 +246,7 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer_path: str | Pat
 
     out = Path(out)
     tokenizer = Tokenizer(tokenizer_path)
-    fingerprint = tokenizer_fingerprint(tokenizer)
+    fingerprint = tokenizer.fingerprint
     files = find_corpus_files(inputs)
     signature = [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
     if out.exists() and not is_prepared(out) and (not out.is_dir() or any(out.iterdir())):

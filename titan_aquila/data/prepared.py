@@ -11,13 +11,12 @@ from the same files (dataset.py):
 The shards are memory-mapped, never read whole: a process touches only the pages of the windows it trains on, so
 its memory and its start-up time do not grow with the corpus.
 
-The index names the tokenizer by a fingerprint (`tokenizer_fingerprint`): a prepared set is refused by a run whose
-tokenizer would give other ids, instead of training on the wrong vocabulary.
+The index names the tokenizer by its fingerprint (`Tokenizer.fingerprint`, a hash of what decides the ids): a
+prepared set is refused by a run whose tokenizer would give other ids, instead of training on the wrong vocabulary.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,25 +26,6 @@ from titan_aquila.errors import UserError
 
 INDEX_NAME = "index.json"
 FORMAT = "titan_aquila.prepared/1"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A stable hash of what decides the ids: the byte-pair ranks, the special tokens and the split regex.
-
-    Uses the tokenizer's own `fingerprint` when it has one; otherwise sha256 over the encoding's sorted
-    (bytes, rank) pairs, sorted (special token, id) pairs and the pre-tokenizer pattern. Independent of file paths
-    and file formats: the same vocabulary loaded from another file has the same fingerprint."""
-    own = getattr(tokenizer, "fingerprint", None)
-    if isinstance(own, str) and own:
-        return own
-    enc = tokenizer.encoding
-    h = hashlib.sha256()
-    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
-        h.update(len(token).to_bytes(4, "little") + token + rank.to_bytes(4, "little"))
-    for name, rank in sorted(enc._special_tokens.items()):
-        h.update(b"S" + name.encode() + rank.to_bytes(4, "little"))
-    h.update(b"P" + enc._pat_str.encode())
-    return h.hexdigest()
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -67,7 +47,7 @@ def read_index(folder: str | Path) -> dict:
 
 def check_tokenizer(index: dict, folder: Path, tokenizer) -> None:
     """A prepared set is usable only with the tokenizer (and document separator) it was made with."""
-    want = tokenizer_fingerprint(tokenizer)
+    want = tokenizer.fingerprint
     if index["tokenizer_fingerprint"] != want or index["eos_id"] != tokenizer.eos_id:
         raise UserError(f"prepared data {folder} was tokenized with another tokenizer ({index['tokenizer']}, "
                         f"fingerprint {index['tokenizer_fingerprint'][:12]}, separator {index['eos_id']}) than "
