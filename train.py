@@ -65,7 +65,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     import torch
 
     from titan_aquila.checkpoint.manager import CheckpointManager, resolve_growth
-    from titan_aquila.data.dataset import build_dataloader, build_validation_dataloader
+    from titan_aquila.data.mixture import MixtureLoader, build_loaders
     from titan_aquila.evaluate import validation_loss
     from titan_aquila.growth.audit import run_growth_audit
     from titan_aquila.growth.loader import plan_stage
@@ -98,12 +98,10 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     start_dir = start_checkpoint(cfg)  # its tokenizer is the run's unless model.tokenizer_path names the same one
     tokenizer = resolve_tokenizer(cfg.model.tokenizer_path, start_dir)
     check_vocab_fits(tokenizer, args.vocab_size, "the model")
-    train_loader = build_dataloader(t.dataset_path, tokenizer, t.seq_len, t.local_batch_size, dp_rank, dp_degree,
-                                    num_workers=t.num_workers, seed=t.seed)
     audit = plan is not None and cfg.growth.audit
-    val_loader = build_validation_dataloader(
-        v.dataset_path, tokenizer, t.seq_len, v.local_batch_size if v.local_batch_size > 0 else t.local_batch_size,
-        dp_rank, dp_degree) if v.enable or audit else None
+    # val_loaders: {"": one set} or, for a mixture, {source: its set}; val_weights average their losses
+    train_loader, val_loaders, val_weights = build_loaders(cfg, tokenizer, dp_rank, dp_degree, v.enable or audit)
+    val_loader = next(iter(val_loaders.values()), None)  # the growth audit's held-out batches
 
     # Every rank builds the same full model from the same seed and parallelize keeps its shard, so 1-rank and N-rank
     # runs start from identical weights. (A model too big for host memory would need a meta build + sharded init.)
@@ -119,7 +117,8 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     start = ckpt.load()  # last checkpoint of this job > checkpoint.initial_load_path > grown source > fresh
     tokens_per_step = t.local_batch_size * dp_degree * accum * t.seq_len
     run_stage = {"kind": "train", "run": os.path.abspath(cfg.job.dump_folder), "seed": t.seed, "start_step": start,
-                 "tokens_per_step": tokens_per_step, "dataset": t.dataset_path}
+                 "tokens_per_step": tokens_per_step, "dataset": t.dataset_path or  # a mixture: its sources
+                 [f"{k}: {d['path']} (weight {d['weight']})" for k, d in sorted(t.datasets.items())]}
     grown = [plan_stage(cfg, plan)] if plan is not None and start_dir is not None and \
         start_dir.parent != ckpt.folder else []  # grown at this start (not resumed)
     ckpt.lineage, ckpt.lineage_files = carry_forward(start_dir, tokenizer, *grown, run_stage)
@@ -195,8 +194,16 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
                 if args.is_moe or m.z_loss_type == "output_max":
                     scalars["loss/z"] = parts[2].item()
                 metrics.log_step(step, scalars, load_fractions(load), device, dropped)
+                if isinstance(train_loader, MixtureLoader):  # tokens per source so far, summed over dp ranks
+                    counts = reduce_mean(torch.tensor(train_loader.source_tokens, dtype=torch.float64), dp_group)
+                    metrics.log_sources(step, dict(zip(train_loader.names, (counts * dp_degree).tolist())))
             if v.enable and (step % v.freq == 0 or step == t.steps):
-                val, n = validation_loss(model, val_loader, device, v.steps, autocast(), group=dp_group)
+                per = {k: validation_loss(model, vl, device, v.steps, autocast(), group=dp_group)
+                       for k, vl in val_loaders.items()}
+                for k, (val, n) in per.items():
+                    if k:
+                        metrics.log_source_validation(step, k, val, n)
+                val, n = sum(val_weights[k] * r[0] for k, r in per.items()), sum(r[1] for r in per.values())
                 # Read (and reset) the validation tokens' expert counts so they never enter a training step's load.
                 val_load = collect_expert_load(model, dp_group)
                 metrics.log_validation(step, val, n, load_fractions(val_load), drops(val_load))

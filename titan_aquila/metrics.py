@@ -153,6 +153,21 @@ class MetricsLogger:
             self.write(step, {f"validation/moe/layer{layer}/dropped_frac": f
                               for layer, f in (drop_fracs or {}).items()})
 
+    def log_sources(self, step: int, tokens: dict[str, float]) -> None:
+        """Training tokens taken from each source of a mixture so far (all ranks), and their shares."""
+        if self.rank == 0:
+            total = sum(tokens.values()) or 1.0
+            print(f"step {step:5d}  tokens by source: " + "  ".join(
+                f"{k} {int(n):,} ({100 * n / total:.1f}%)" for k, n in tokens.items()), flush=True)
+            self.write(step, {f"data/tokens/{k}": n for k, n in tokens.items()})
+            self.write(step, {f"data/share/{k}": n / total for k, n in tokens.items()})
+
+    def log_source_validation(self, step: int, name: str, loss: float, n_tokens: int) -> None:
+        """One source's validation loss (a mixture); `log_validation` then logs their weighted mean."""
+        if self.rank == 0:
+            print(f"step {step:5d}  validation {name} loss {loss:.4f}  ({n_tokens:,} tokens)", flush=True)
+            self.write(step, {f"validation/{name}/loss": loss})
+
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
             for k, v in scalars.items():

@@ -104,3 +104,16 @@ def test_growth(tmp_path):
         assert positive(row[key]), key
     assert row["grow_peak_rss_mib"] >= row["base_rss_mib"] > 0
     assert not (tmp_path / "work" / "tiny_fpi_upcycle_grown").exists()  # grown checkpoints are cleaned up
+
+
+def test_data(tmp_path):
+    doc = run_bench("bench_data", tmp_path, "--workdir", str(tmp_path / "work"))
+    rows = doc["rows"]
+    assert [r["size_gb"] for r in rows] == [0.3, 1.0] and "raw" in rows[0] and "raw" not in rows[1]
+    assert rows[1]["corpus_mb"] >= 1.0 and 0.3 <= rows[0]["corpus_mb"] < 0.4
+    for r in rows:
+        p = r["prepare"]
+        assert p["input_mb"] == pytest.approx(r["corpus_mb"]) and p["workers"] == 2 and p["progress_lines"] >= 1
+        assert positive(p["mb_per_cpu_s"]) and positive(p["mb_per_s_per_process"]) and p["tokens"] > 0
+        assert positive(r["prepared"]["seconds_to_first_step"]) and r["prepared"]["peak_rss_mib"] > 100
+    assert doc["summary"]["corpus_ratio"] == pytest.approx(rows[1]["corpus_mb"] / rows[0]["corpus_mb"])

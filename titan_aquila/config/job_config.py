@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from titan_aquila.config import parse as cp
+from titan_aquila.data.sources import mixture_errors
 from titan_aquila.errors import UserError
 
 
@@ -71,7 +72,12 @@ class Training:
     deterministic: bool = False
     """Use deterministic algorithms (torch.use_deterministic_algorithms); slower."""
     dataset_path: list[str] = field(default_factory=list)
-    """Training text files or folders; empty = the shipped text fixture."""
+    """Training text files or folders, or prepared folders (python -m titan_aquila.data prepare); empty = the shipped
+    text fixture."""
+    datasets: dict = field(default_factory=dict)
+    """A mixture of prepared sources instead of dataset_path: [training.datasets.NAME] tables with path (a prepared
+    folder), weight (> 0; the share of training sequences, normalised over the sources) and optionally
+    validation_path (a prepared folder: one validation loss per source)."""
     mixed_precision_param: Literal["float32", "bfloat16"] = "float32"
     """dtype FSDP2 casts parameters to for compute (MixedPrecisionPolicy.param_dtype)."""
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
@@ -351,6 +357,7 @@ class JobConfig:
         need(t.steps >= 1, "training.steps", ">= 1")
         need(t.seed >= 0, "training.seed", ">= 0")
         need(t.num_workers >= 0, "training.num_workers", ">= 0")
+        errors += mixture_errors(t.datasets, t.dataset_path)
         need(o.lr >= 0 and math.isfinite(o.lr), "optimizer.lr", "finite and >= 0")
         need(o.eps > 0, "optimizer.eps", "> 0")
         need(0 <= o.beta1 < 1, "optimizer.beta1", "in [0, 1)")

@@ -1,5 +1,9 @@
 """Text -> packed token windows -> a resumable, data-parallel-sharded `StatefulDataLoader`.
 
+Prepared data. A folder made by `python -m titan_aquila.data prepare` (it has an index.json) is read memory-mapped
+instead (prepared.py): the same stream, no tokenization, no corpus in RAM. Raw text and prepared folders cannot be
+mixed in one path list; several prepared folders are concatenated in the order given.
+
 Documents. Each `.txt` file is one document; each line of a `.jsonl` file is one document (its "text" field).
 Folders are searched recursively (hidden entries skipped) and files are read in sorted order, so the stream is
 the same on every rank and every run. Blank documents are skipped.
@@ -35,6 +39,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -119,7 +125,9 @@ def tokenize_documents(paths: list[str] | str, tokenizer) -> torch.Tensor:
     if not docs:
         raise UserError(f"no text in {len(files)} file(s): {_describe(files)}")
     chunks = []
+    progress = _Progress(sum(map(len, docs)))
     for i in range(0, len(docs), 512):  # bounded batches: python int lists of a large corpus are 28 bytes/token
+        progress.update(sum(map(len, docs[i:i + 512])))
         batch = tokenizer.encode_batch(docs[i:i + 512])
         total = sum(map(len, batch)) + len(batch)
         chunks.append(np.fromiter(itertools.chain.from_iterable(ids + [tokenizer.eos_id] for ids in batch),
@@ -128,6 +136,37 @@ def tokenize_documents(paths: list[str] | str, tokenizer) -> torch.Tensor:
     _STREAMS.clear()
     _STREAMS[key] = stream
     return stream
+
+
+def load_tokens(paths: list[str] | str, tokenizer):
+    """The packed stream of `paths`: memory-mapped prepared folders, or raw text tokenized now."""
+    from titan_aquila.data.prepared import TokenStream, is_prepared
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    prepared = [is_prepared(p) for p in paths]
+    if any(prepared) and not all(prepared):
+        raise UserError(f"data paths mix prepared folders and raw text ({_describe(list(map(Path, paths)))}): "
+                        f"prepare the raw text too (python -m titan_aquila.data prepare) or list them separately")
+    return TokenStream(paths, tokenizer) if paths and all(prepared) else tokenize_documents(paths, tokenizer)
+
+
+class _Progress:
+    """A line every 10 s while a large raw corpus is tokenized at start-up (rank 0 only; every rank tokenizes)."""
+
+    def __init__(self, total_chars: int, every: float = 10.0):
+        self.total, self.done, self.every = total_chars, 0, every
+        self.t0 = self.last = time.perf_counter()
+        self.show = os.environ.get("RANK", "0") == "0"
+
+    def update(self, chars: int) -> None:
+        now = time.perf_counter()
+        if self.show and now - self.last >= self.every:
+            self.last = now
+            rate = self.done / 1e6 / (now - self.t0)
+            print(f"tokenize: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} M characters "
+                  f"({100 * self.done / max(self.total, 1):.0f}%), {rate:.2f} M/s; a corpus prepared once "
+                  f"(python -m titan_aquila.data prepare) starts without this", flush=True)
+        self.done += chars
 
 
 def split_validation(tokens: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +221,9 @@ class PackedWindows(IterableDataset):
         if self.restart:
             self.epoch, self.pos = 0, 0
         while True:
-            ids = self.rank_windows(self.epoch)[worker::n_workers].tolist()
+            ids = self.rank_windows(self.epoch)[worker::n_workers]  # a tensor: 8 bytes per window, not a list
             while self.pos < len(ids):
-                w = ids[self.pos]
+                w = int(ids[self.pos])
                 self.pos += 1  # advanced before yielding: a snapshot taken now resumes at the next window
                 window = self.tokens[w * T: w * T + T + 1].long()
                 yield window[:-1], window[1:]
@@ -222,7 +261,7 @@ def build_dataloader(paths: list[str] | str | None, tokenizer, seq_len: int, loc
     _check_loader_args(local_batch_size, num_workers)
     paths = paths or default_train_paths()
     source = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
-    tokens = tokenize_documents(paths, tokenizer)
+    tokens = load_tokens(paths, tokenizer)
     if holdout:
         tokens = split_validation(tokens, holdout)[0]
         source = f"the first {1 - holdout:g} of {source}"
@@ -242,12 +281,12 @@ def build_validation_dataloader(paths: list[str] | str | None, tokenizer, seq_le
     if holdout:
         paths = paths or default_train_paths()
         source = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
-        tokens = split_validation(tokenize_documents(paths, tokenizer), holdout)[1]
+        tokens = split_validation(load_tokens(paths, tokenizer), holdout)[1]
         source = f"the held-out last {holdout:g} of {source}"
     else:
         paths = paths or default_validation_paths()
         source = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
-        tokens = tokenize_documents(paths, tokenizer)
+        tokens = load_tokens(paths, tokenizer)
     dataset = PackedWindows(tokens, seq_len, dp_rank, dp_degree, infinite=False, shuffle=False, source=source,
                             restart=True)
     return StatefulDataLoader(dataset, batch_size=local_batch_size, num_workers=0, drop_last=False)
