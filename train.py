@@ -4,11 +4,11 @@
     torchrun --standalone --nproc_per_node=2 train.py --job.config_file train_configs/debug_model.toml
     python train.py --help
 
-Top to bottom: config -> plan (model args, parallel degrees, accumulation; checked before torch is imported) ->
-distributed -> growth plan -> model -> parallelize -> optimizer/schedule -> data -> checkpoint (resume | initial
-load | grow) -> [growth audit] -> steps -> final save -> gloo-safe exit.
+Top to bottom: config -> plan (model args, parallel degrees, accumulation; every rule checked before torch is
+imported) -> distributed -> growth plan -> model -> parallelize -> optimizer/schedule -> data -> checkpoint (resume |
+initial load | grow) -> [growth audit] -> steps -> final save -> gloo-safe exit.
 
-One step, with A = global_batch_size / (local_batch_size x dp degree) micro-batches:
+One step (`train_step`), with A = global_batch_size / (local_batch_size x dp degree) micro-batches:
 
     grad = d/dθ  (1/A) Σ_micro  [ CE + load_balance_coeff·lb + z_loss_coeff·z ]     (FSDP2 averages over dp ranks)
     clip to training.max_norm; a non-finite loss or grad norm stops the run or skips the update (training.on_nonfinite)
@@ -20,67 +20,121 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from dataclasses import dataclass
 
 from titan_aquila.config import load_job_config
+from titan_aquila.config.validate import job_model_args, validate_job
 from titan_aquila.errors import UserError
-from titan_aquila.models.args import ModelArgs, build_model_args
+from titan_aquila.logging import logger
+from titan_aquila.models.args import ModelArgs
 from titan_aquila.parallel.dist_utils import set_per_rank_inductor_cache, world_info
 from titan_aquila.parallel.parallel_dims import ParallelDims
 
 
-def log(msg: str) -> None:
-    if world_info()[0] == 0:
-        print(msg, flush=True)
-
-
-def check_context(args: ModelArgs, seq_len: int) -> None:
-    if seq_len > args.max_seq_len:
-        raise UserError(f"training.seq_len {seq_len} is larger than the model's context max_seq_len "
-                        f"{args.max_seq_len}")
-
-
 def plan_job(cfg) -> tuple[ModelArgs, ParallelDims, int]:
     """What can be checked without torch: model args (flavor + overrides), parallel degrees against the world
-    size, and the number of micro-batches per step."""
-    m = cfg.moe  # [moe] options the model code needs (runtime choices, not weights)
-    args = build_model_args(cfg.model.flavor, {**cfg.model.overrides, "z_loss_type": m.z_loss_type,
-                                               "capacity_factor": m.capacity_factor,
-                                               "pad_to_capacity": m.pad_to_capacity})
-    t = cfg.training
-    check_context(args, t.seq_len)
+    size, every rule between them (config/validate.py), and the number of micro-batches per step."""
+    args = job_model_args(cfg)  # [model] flavor + overrides, with the [moe] options the model code reads
     dims = ParallelDims.from_config(cfg.parallelism, world_info()[2])
-    if t.global_batch_size == -1:
-        return args, dims, 1
-    if t.global_batch_size % (t.local_batch_size * dims.dp_degree):
-        raise UserError(f"training.global_batch_size {t.global_batch_size} is not a multiple of local_batch_size "
-                        f"{t.local_batch_size} x data-parallel degree {dims.dp_degree}")
-    return args, dims, t.global_batch_size // (t.local_batch_size * dims.dp_degree)
+    validate_job(cfg, args, dims)
+    t = cfg.training
+    accum = 1 if t.global_batch_size == -1 else t.global_batch_size // (t.local_batch_size * dims.dp_degree)
+    return args, dims, accum
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step needs besides the batches."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    loss_fn: object  # training_loss, possibly compiled
+    coeffs: tuple[float, float, bool]  # load_balance_coeff, z_loss_coeff, z on the output logits
+    autocast: object  # () -> context manager
+    device: object
+    dp_group: object
+    accum: int
+    max_norm: float
+    on_nonfinite: str
+    bias_update_rate: float
+
+
+def train_step(p: StepParts, data_iter, step: int):
+    """One optimizer step over `p.accum` micro-batches. Returns (parts [ce, lb, z] averaged over the global batch,
+    grad norm, the LR this step used, expert load {layer: tokens per expert} summed over dp ranks)."""
+    import warnings
+
+    import torch
+
+    from titan_aquila.train_utils import collect_expert_load, full_grad_norm, reduce_mean, update_expert_bias
+
+    p.optimizer.zero_grad(set_to_none=True)
+    parts = torch.zeros(3, device=p.device)  # [ce, load balance, z], means over this rank's micro-batches
+    for _ in range(p.accum):
+        inputs, labels = (x.to(p.device) for x in next(data_iter))
+        with p.autocast():
+            logits, aux = p.model(inputs)
+        loss, detached = p.loss_fn(logits, labels, aux, *p.coeffs)
+        (loss / p.accum).backward()  # + FSDP2's mean over dp ranks = the gradient of the global-batch mean
+        parts += detached / p.accum
+    grad_norm = full_grad_norm(p.model, p.max_norm)  # global norm before clipping, over every mesh
+    parts = reduce_mean(parts, p.dp_group)
+    loss_ok, norm_ok = bool(torch.isfinite(parts).all()), bool(torch.isfinite(grad_norm))
+    finite = loss_ok and norm_ok
+    if not finite:
+        msg = (f"non-finite {'gradient norm' if loss_ok else 'loss'} at step {step} (loss {parts[0].item():.4g}, "
+               f"load balance {parts[1].item():.4g}, z {parts[2].item():.4g}, grad norm {grad_norm.item():.4g})")
+        if p.on_nonfinite == "stop":
+            raise UserError(f"{msg} (training.on_nonfinite = 'stop'; 'skip' drops such steps)")
+        logger.warning(f"{msg}; skipping the optimizer step (training.on_nonfinite = 'skip')")
+        p.optimizer.zero_grad(set_to_none=True)
+    else:
+        p.optimizer.step()
+    lr = p.scheduler.get_last_lr()[0]  # the rate this step used
+    with warnings.catch_warnings():  # LambdaLR warns if a skipped step 1 advances it before any update
+        warnings.simplefilter("ignore", UserWarning)
+        p.scheduler.step()  # also on a skipped step: the LR stays a function of the step number
+    load = collect_expert_load(p.model, p.dp_group)  # all-reduced over dp ranks; counters reset
+    if finite and p.bias_update_rate > 0:
+        update_expert_bias(p.model, load, p.bias_update_rate)
+    return parts, grad_norm, lr, load
+
+
+def shown_losses(losses, args: ModelArgs) -> dict[str, float]:
+    """The step's [ce, load_balance, z] worth showing: CE; the load-balance loss of an MoE; the z-loss when one is
+    computed (an MoE's router z-loss, or the output z-loss of z_loss_type 'output_max')."""
+    shown = {"ce": losses[0].item()}
+    if args.is_moe:
+        shown["load_balance"] = losses[1].item()
+    if args.is_moe or args.z_loss_type == "output_max":
+        shown["z"] = losses[2].item()
+    return shown
 
 
 def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     # torch and everything built on it is imported only now: `--help` and config mistakes answer in 0.1 s instead
     # of the seconds `import torch` takes on a busy CPU.
-    import warnings
-
     import torch
 
-    from titan_aquila.checkpoint.manager import CheckpointManager, resolve_growth
+    from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, resolve_tokenizer, start_checkpoint
+    from titan_aquila.checkpoint.manager import CheckpointManager
     from titan_aquila.data.mixture import MixtureLoader, build_loaders
     from titan_aquila.evaluate import validation_loss
     from titan_aquila.growth.audit import run_growth_audit
-    from titan_aquila.growth.loader import plan_stage
+    from titan_aquila.growth.loader import plan_stage, resolve_growth
     from titan_aquila.metrics import MetricsLogger, device_peak_flops
     from titan_aquila.models.aquila import build_model
-    from titan_aquila.optim import build_lr_scheduler, build_optimizer
+    from titan_aquila.optim import apply_schedule, build_lr_scheduler, build_optimizer
     from titan_aquila.parallel.dist_utils import init_distributed
     from titan_aquila.parallel.parallelize import parallelize_model
-    from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, resolve_tokenizer, start_checkpoint
-    from titan_aquila.train_utils import (collect_expert_load, drop_fractions, full_grad_norm, load_fractions,
-                                          reduce_mean, training_loss, update_expert_bias)
+    from titan_aquila.train_utils import (collect_expert_load, drop_fractions, load_fractions, reduce_mean,
+                                          training_loss)
 
     t, v, m = cfg.training, cfg.validation, cfg.moe
     if cfg.job.print_config:
-        log(json.dumps(cfg.to_dict(), indent=2))
+        logger.info(json.dumps(cfg.to_dict(), indent=2))
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
         torch.use_deterministic_algorithms(True)
@@ -88,32 +142,30 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     rank, _, world = world_info()
     dims.build_mesh(device.type)
     dp_rank, dp_degree = dims.dp_rank(), dims.dp_degree
-    dp_group = dims.world_mesh["dp"].get_group() if dims.world_mesh is not None else None
+    dp_group = dims.dp_mesh.get_group() if dims.dp_mesh is not None else None
     torch.manual_seed(t.seed)  # the same on every rank
 
     plan = resolve_growth(cfg, args)  # growth: the source shape comes from its checkpoint; build the grown shape
     if plan is not None:
-        args = plan.dst_args
-        check_context(args, t.seq_len)
+        args = plan.dst_args  # differs from the config's only in fields validate_job does not depend on
     start_dir = start_checkpoint(cfg)  # its tokenizer is the run's unless model.tokenizer_path names the same one
     tokenizer = resolve_tokenizer(cfg.model.tokenizer_path, start_dir)
     check_vocab_fits(tokenizer, args.vocab_size, "the model")
-    audit = plan is not None and cfg.growth.audit
+    do_audit = plan is not None and cfg.growth.audit
     # val_loaders: {"": one set} or, for a mixture, {source: its set}; val_weights average their losses
-    train_loader, val_loaders, val_weights = build_loaders(cfg, tokenizer, dp_rank, dp_degree, v.enable or audit)
+    train_loader, val_loaders, val_weights = build_loaders(cfg, tokenizer, dp_rank, dp_degree, v.enable or do_audit)
     val_loader = next(iter(val_loaders.values()), None)  # the growth audit's held-out batches
 
     # Every rank builds the same full model from the same seed and parallelize keeps its shard, so 1-rank and N-rank
     # runs start from identical weights. (A model too big for host memory would need a meta build + sharded init.)
     model = build_model(args, device="cpu", seed=t.seed)
-    log(f"model {cfg.model.flavor}{' + overrides' if cfg.model.overrides else ''}"
-        f"{' grown by ' + plan.describe() if plan else ''}: {args.num_params():,} parameters "
-        f"({args.num_params(active=True):,} active), {args.flops_per_token(t.seq_len) / 1e6:.1f} MFLOP/token")
+    logger.info(f"model {cfg.model.flavor}{' + overrides' if cfg.model.overrides else ''}"
+                f"{' grown by ' + plan.describe() if plan else ''}: {args.num_params():,} parameters "
+                f"({args.num_params(active=True):,} active), {args.flops_per_token(t.seq_len) / 1e6:.1f} MFLOP/token")
     model = parallelize_model(model, dims, cfg).to(device)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_lr_scheduler(optimizer, cfg)
-    ckpt = CheckpointManager(cfg, model, optimizer, scheduler, train_loader, args, dims, growth_plan=plan,
-                             dp_rank=dp_rank, dp_degree=dp_degree)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
+    ckpt = CheckpointManager(cfg, model, optimizer, scheduler, train_loader, args, dims, growth_plan=plan)
     start = ckpt.load()  # last checkpoint of this job > checkpoint.initial_load_path > grown source > fresh
     tokens_per_step = t.local_batch_size * dp_degree * accum * t.seq_len
     run_stage = {"kind": "train", "run": os.path.abspath(cfg.job.dump_folder), "seed": t.seed, "start_step": start,
@@ -122,92 +174,70 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     grown = [plan_stage(cfg, plan)] if plan is not None and start_dir is not None and \
         start_dir.parent != ckpt.folder else []  # grown at this start (not resumed)
     ckpt.lineage, ckpt.lineage_files = carry_forward(start_dir, tokenizer, *grown, run_stage)
-    if audit and start == 0:
-        audit = run_growth_audit(cfg, plan, model, val_loader, device, dp_group, log=log)
+    apply_schedule(scheduler)  # a resumed run with another training.steps follows its own schedule from here on
+    audit = run_growth_audit(plan, cfg.growth.source_path, cfg.growth.audit_steps, model, val_loader, device,
+                             dp_group, cfg.job.dump_folder) if do_audit and start == 0 else None
 
     autocast_dtype = {"": None, "bfloat16": torch.bfloat16}[t.autocast_dtype]
     peak, peak_desc = device_peak_flops(device, autocast_dtype or torch.float32)
-    log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_desc}); gradient accumulation {accum}; global batch "
-        f"{t.local_batch_size * dp_degree * accum} x {t.seq_len} = {tokens_per_step:,} tokens; steps {start + 1}.."
-        f"{t.steps}")
-    metrics = MetricsLogger(cfg, rank, args.flops_per_token(t.seq_len), peak, world)
-    if isinstance(audit, dict):
-        metrics.write(0, {f"growth/{k}": audit[k] for k in ("source_loss", "grown_loss", "max_logit_diff")})
-        metrics.log_validation(0, audit["grown_loss"], audit["tokens"],
-                               {int(k): v for k, v in audit.get("expert_load", {}).items()},
-                               {int(k): v for k, v in audit.get("dropped_fraction", {}).items()})
+    logger.info(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_desc}); gradient accumulation {accum}; global "
+                f"batch {t.local_batch_size * dp_degree * accum} x {t.seq_len} = {tokens_per_step:,} tokens; steps "
+                f"{start + 1}..{t.steps}")
+    metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, args.flops_per_token(t.seq_len), peak, world, rank)
+    if audit is not None:
+        metrics.write(0, {"growth/source_loss": audit.source_loss, "growth/grown_loss": audit.grown_loss,
+                          "growth/max_logit_diff": audit.max_logit_diff})
+        metrics.log_validation(0, audit.grown_loss, audit.tokens, expert_fracs=audit.expert_load,
+                               drop_fracs=audit.dropped_fraction)
 
     # compile.components 'loss': the CE (+ aux) objective as one graph (fuses the fp32 upcast of the large logits).
     loss_fn = training_loss
     if cfg.compile.enable and "loss" in cfg.compile.components:
         loss_fn = torch.compile(training_loss, backend=cfg.compile.backend)
-        log(f"[parallelize] torch.compile ({cfg.compile.backend}) of the training loss")
-
-    def drops(load):  # capacity-factor routing: each MoE layer's dropped share of `load` (and reset the counters)
-        return drop_fractions(collect_expert_load(model, dp_group, "tokens_dropped"), load) if args.capacity_factor \
-            and args.is_moe else None
+        logger.info(f"[parallelize] torch.compile ({cfg.compile.backend}) of the training loss")
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
+    def drops(load):  # capacity-factor routing: each MoE layer's dropped share of `load` (and reset the counters)
+        return drop_fractions(collect_expert_load(model, dp_group, "tokens_dropped"), load) \
+            if args.capacity_factor and args.is_moe else None
+
+    def validate(step: int) -> None:
+        t0 = time.perf_counter()
+        logger.info(f"validation at step {step} started ({'all' if v.steps < 0 else v.steps} batches)")
+        per = {k: validation_loss(model, vl, device, v.steps, autocast(), group=dp_group)
+               for k, vl in val_loaders.items()}
+        for k, (val, n) in per.items():
+            if k:
+                metrics.log_source_validation(step, k, val, n)
+        val, n = sum(val_weights[k] * r[0] for k, r in per.items()), sum(r[1] for r in per.values())
+        # Read (and reset) the validation tokens' expert counts so they never enter a training step's load.
+        val_load = collect_expert_load(model, dp_group)
+        metrics.log_validation(step, val, n, time.perf_counter() - t0, load_fractions(val_load), drops(val_load))
+        run_stage["validation_loss"], run_stage["validation_step"] = val, step
+
+    def log_sources(step: int) -> None:  # a mixture: tokens per source so far, summed over dp ranks
+        counts = reduce_mean(torch.tensor(train_loader.source_tokens, dtype=torch.float64), dp_group)
+        metrics.log_sources(step, dict(zip(train_loader.names, (counts * dp_degree).tolist())))
+
+    parts = StepParts(model, optimizer, scheduler, loss_fn,
+                      (m.load_balance_coeff, m.z_loss_coeff, args.z_loss_type == "output_max"), autocast, device,
+                      dp_group, accum, t.max_norm, t.on_nonfinite, m.bias_update_rate)
     data_iter = iter(train_loader)  # after ckpt.load(): a fresh iterator starts at the restored position
     try:
         for step in range(start + 1, t.steps + 1):
             metrics.step_started()
-            optimizer.zero_grad(set_to_none=True)
-            parts = torch.zeros(3, device=device)  # [ce, load balance, z], means over this rank's micro-batches
-            for _ in range(accum):
-                inputs, labels = (x.to(device) for x in next(data_iter))
-                with autocast():
-                    logits, aux = model(inputs)
-                loss, detached = loss_fn(logits, labels, aux, m)
-                (loss / accum).backward()  # + FSDP2's mean over dp ranks = the gradient of the global-batch mean
-                parts += detached / accum
-            grad_norm = full_grad_norm(model, t.max_norm)  # global norm before clipping, over every mesh
-            parts = reduce_mean(parts, dp_group)
-            loss_ok, norm_ok = bool(torch.isfinite(parts).all()), bool(torch.isfinite(grad_norm))
-            finite = loss_ok and norm_ok
-            if not finite:
-                msg = (f"non-finite {'gradient norm' if loss_ok else 'loss'} at step {step} (loss "
-                       f"{parts[0].item():.4g}, load balance {parts[1].item():.4g}, z {parts[2].item():.4g}, "
-                       f"grad norm {grad_norm.item():.4g})")
-                if t.on_nonfinite == "stop":
-                    raise UserError(f"{msg} (training.on_nonfinite = 'stop'; 'skip' drops such steps)")
-                log(f"warning: {msg}; skipping the optimizer step (training.on_nonfinite = 'skip')")
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                optimizer.step()
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            with warnings.catch_warnings():  # LambdaLR warns if a skipped step 1 advances it before any update
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()  # also on a skipped step: the LR stays a function of the step number
-            load = collect_expert_load(model, dp_group)  # all-reduced over dp ranks; counters reset
+            losses, grad_norm, lr, load = train_step(parts, data_iter, step)
             dropped = drops(load)
-            if finite and m.bias_update_rate > 0:
-                update_expert_bias(model, load, m.bias_update_rate)
             metrics.step_finished(tokens_per_step)
-
             if metrics.should_log(step):
-                scalars = {"loss/ce": parts[0].item(), "lr": lr, "grad_norm": grad_norm.item()}
-                if args.is_moe:
-                    scalars["loss/load_balance"] = parts[1].item()
-                if args.is_moe or m.z_loss_type == "output_max":
-                    scalars["loss/z"] = parts[2].item()
-                metrics.log_step(step, scalars, load_fractions(load), device, dropped)
-                if isinstance(train_loader, MixtureLoader):  # tokens per source so far, summed over dp ranks
-                    counts = reduce_mean(torch.tensor(train_loader.source_tokens, dtype=torch.float64), dp_group)
-                    metrics.log_sources(step, dict(zip(train_loader.names, (counts * dp_degree).tolist())))
+                metrics.log_step(step, shown_losses(losses, args), lr, grad_norm.item(), step * tokens_per_step,
+                                 load_fractions(load), device, dropped)
+                if isinstance(train_loader, MixtureLoader):
+                    log_sources(step)
             if v.enable and (step % v.freq == 0 or step == t.steps):
-                per = {k: validation_loss(model, vl, device, v.steps, autocast(), group=dp_group)
-                       for k, vl in val_loaders.items()}
-                for k, (val, n) in per.items():
-                    if k:
-                        metrics.log_source_validation(step, k, val, n)
-                val, n = sum(val_weights[k] * r[0] for k, r in per.items()), sum(r[1] for r in per.values())
-                # Read (and reset) the validation tokens' expert counts so they never enter a training step's load.
-                val_load = collect_expert_load(model, dp_group)
-                metrics.log_validation(step, val, n, load_fractions(val_load), drops(val_load))
-                run_stage["validation_loss"], run_stage["validation_step"] = val, step
+                validate(step)
             ckpt.maybe_save(step)
         ckpt.maybe_save(t.steps, force=True)
         ckpt.close()
@@ -221,18 +251,17 @@ def main(argv: list[str]) -> None:
     try:
         cfg = load_job_config(argv)  # -h/--help prints the options and raises SystemExit(0)
         args, dims, accum = plan_job(cfg)
-        set_per_rank_inductor_cache()  # before torch is imported (cpu-facts trap 2)
+        set_per_rank_inductor_cache()  # before torch is imported: TP kernels compiled for one rank are wrong on another
         code = train(cfg, args, dims, accum)
     except UserError as e:
-        if world_info()[0] == 0:  # every rank hits the same mistake: say it once
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        logger.error(str(e))  # every rank hits the same mistake: the logger prints it once, on rank 0
         code = 2
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
     if "torch.distributed" in sys.modules:
         from titan_aquila.parallel.dist_utils import finish
 
-        finish(code)  # barrier, destroy the group, flush, os._exit: gloo can crash a normal exit (cpu-facts trap 1)
+        finish(code)  # barrier, destroy the group, flush, os._exit: gloo can crash a normal interpreter exit
     sys.stdout.flush()
     sys.exit(code)
 

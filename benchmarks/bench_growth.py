@@ -84,7 +84,7 @@ def child(spec: dict) -> None:
         cfg.model.flavor, cfg.model.overrides = flavor, target
         cfg.growth.enable, cfg.growth.source_path, cfg.growth.methods = True, spec["src"], list(methods)
         cfg.validate()
-        path = grow_checkpoint(cfg, spec["out"], overwrite=True, log=lambda *a: None)
+        path = grow_checkpoint(cfg, spec["out"], overwrite=True)
     else:
         sd = read_model_state_dict(spec["ref"])
         path = write_model_checkpoint(Path(spec["out"]), sd, read_checkpoint_args(spec["ref"]),
@@ -96,7 +96,7 @@ def child(spec: dict) -> None:
     print("RESULT " + json.dumps({
         "seconds": seconds, "peak_rss_mib": peak, "base_rss_mib": base,
         "written_params": written, "saved_args_params": read_checkpoint_args(path).num_params(),
-        "target_params": build_model_args(flavor, {**target, "z_loss_type": "router_lse"}).num_params(),
+        "target_params": build_model_args(flavor, target).num_params(),
         "checkpoint_bytes": sum(f.stat().st_size for f in Path(path).iterdir())}), flush=True)
 
 

@@ -2,12 +2,13 @@
 
     python scripts/expert_load.py outputs/smollm2_8x_top2/tb [--plot load.png]
 
-Reads the `validation/moe/layer{L}/expert{e}_frac` scalars that train.py writes at every validation (each expert's
-share of the routing slots of the same held-out tokens; step 0 is the growth audit, before any update) and prints,
-per MoE layer, the shares at the first and last validation step, the largest change of one expert's share, and the
-coefficient of variation (std / mean) of the shares, 0 for a perfectly balanced layer. `--plot` draws the first
-and last step's shares per layer as a PNG (matplotlib). Exits with status 2 and one line if the folder has no such
-scalars.
+Reads the `validation_metrics/moe_load/layer{L}/shares` histograms that train.py writes at every validation (bucket
+e = expert e's share of the routing slots of the same held-out tokens; step 0 is the growth audit, before any
+update) and prints, per MoE layer, the shares at the first and last validation step, the largest change of one
+expert's share, and the coefficient of variation (std / mean) of the shares, 0 for a perfectly balanced layer.
+TB_DIR is one run's folder or the job's `tb` folder, whose newest run (`tb/<timestamp>`) is then read. `--plot`
+draws the first and last step's shares per layer as a PNG (matplotlib). Exits with status 2 and one line if the
+folder has no such histograms.
 """
 
 from __future__ import annotations
@@ -16,26 +17,32 @@ import argparse
 import re
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-TAG = re.compile(r"validation/moe/layer(\d+)/expert(\d+)_frac$")
+TAG = re.compile(r"validation_metrics/moe_load/layer(\d+)/shares$")
+
+
+def run_folder(tb_dir: str | Path) -> Path:
+    """`tb_dir` itself if it holds event files, else its newest `<timestamp>` run folder that does."""
+    tb_dir = Path(tb_dir)
+    if any(tb_dir.glob("events.out.tfevents.*")):
+        return tb_dir
+    runs = sorted(p for p in tb_dir.iterdir() if p.is_dir() and any(p.glob("events.out.tfevents.*")))
+    return runs[-1] if runs else tb_dir
 
 
 def read_expert_load(tb_dir: str | Path) -> dict[int, dict[int, list[float]]]:
     """{layer: {step: [share of expert 0, 1, ...]}} from a TensorBoard event folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})  # 0 = keep every event
+    acc = EventAccumulator(str(run_folder(tb_dir)), size_guidance={"histograms": 0})  # 0 = keep every event
     acc.Reload()
-    raw: dict[int, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for tag in acc.Tags().get("scalars", []):
+    load: dict[int, dict[int, list[float]]] = {}
+    for tag in acc.Tags().get("histograms", []):
         m = TAG.match(tag)
         if m:
-            for ev in acc.Scalars(tag):
-                raw[int(m[1])][ev.step][int(m[2])] = ev.value
-    return {layer: {step: [fr[e] for e in sorted(fr)] for step, fr in sorted(steps.items())}
-            for layer, steps in sorted(raw.items())}
+            load[int(m[1])] = {ev.step: list(ev.histogram_value.bucket) for ev in acc.Histograms(tag)}
+    return {layer: dict(sorted(steps.items())) for layer, steps in sorted(load.items())}
 
 
 def cv(shares: list[float]) -> float:
@@ -76,7 +83,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("tb_dir", help="TensorBoard folder of the run (<dump_folder>/<metrics.save_tb_folder>)")
+    p.add_argument("tb_dir", help="TensorBoard folder: one run's, or <dump_folder>/<metrics.save_tb_folder> (newest run)")
     p.add_argument("--plot", help="write a PNG of the first and last shares per layer")
     a = p.parse_args(argv)
     if not Path(a.tb_dir).is_dir():
@@ -84,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = summarise(read_expert_load(a.tb_dir))
     if not rows:
-        print(f"error: no validation/moe/*/expert*_frac scalars in {a.tb_dir} (an MoE run with validation.enable "
-              "and metrics.enable_tensorboard writes them)", file=sys.stderr)
+        print(f"error: no validation_metrics/moe_load/*/shares histograms in {a.tb_dir} (an MoE run with "
+              "validation.enable and metrics.enable_tensorboard writes them)", file=sys.stderr)
         return 2
     print(f"{'layer':>5} {'steps':>9} {'max change':>10} {'cv first':>8} {'cv last':>8}  last shares")
     for r in rows:

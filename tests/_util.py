@@ -117,3 +117,17 @@ def run_train(config: Path | None, *extra: str, nproc: int = 1, timeout: int = 3
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cfg = [] if config is None else ["--job.config_file", str(config)]
     return run_script([*launcher, str(ROOT / script), *cfg, *extra], timeout=timeout, env=env)
+
+
+def tensorboard_runs(tb_dir: Path) -> list[Path]:
+    """The run folders (`tb/<timestamp>`) of a job's TensorBoard folder, oldest first."""
+    return sorted(p for p in Path(tb_dir).iterdir() if p.is_dir() and any(p.glob("events.out.tfevents.*")))
+
+
+def read_tensorboard(run_dir: Path):
+    """A loaded EventAccumulator of one run folder that keeps every scalar and histogram event."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc

@@ -1,6 +1,7 @@
 """Console lines, TensorBoard scalars, throughput and MFU.
 
-    tokens/s = global tokens per step / step time
+    tokens/s = global tokens per step / step time          (the console's tok/s; TensorBoard's throughput(tps) is
+                                                            per device, tokens/s / devices, as in torchtitan)
     MFU      = tokens/s * flops_per_token / (peak FLOP/s per device * devices)
 
 Peak on CUDA comes from the device's spec sheet (dense bf16, or tf32 = half that for fp32 when TF32 is allowed;
@@ -11,13 +12,16 @@ box's GEMM does".
 
 from __future__ import annotations
 
-import os
 import resource
+import statistics
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
+
+from titan_aquila.logging import logger
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 CUDA_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
@@ -79,26 +83,59 @@ def memory_gib(device: torch.device) -> float:
     return peak_rss_bytes() / 2 ** 30
 
 
-class MetricsLogger:
-    """Rank 0 prints and writes TensorBoard; every rank can call it (others are no-ops)."""
+def drop_summary(drop_fracs: dict[int, float]) -> str:
+    """'dropped 3.12% (max 5.00% layer 1)': assignments dropped at capacity, mean over MoE layers and the worst."""
+    worst = max(drop_fracs, key=drop_fracs.get)
+    mean = sum(drop_fracs.values()) / len(drop_fracs)
+    return f"dropped {100 * mean:.2f}% (max {100 * drop_fracs[worst]:.2f}% layer {worst})"
 
-    def __init__(self, cfg, rank: int, flops_per_token: int, peak_flops: float, n_devices: int):
-        self.rank, self.log_freq = rank, cfg.metrics.log_freq
+
+def share_summary(shares: list[float]) -> dict[str, float]:
+    """A layer's routing balance in three numbers: the largest and smallest expert share of the routed
+    (token, slot) pairs and their coefficient of variation std/mean (0 = perfectly balanced)."""
+    mean = statistics.fmean(shares)
+    return {"max_share": max(shares), "min_share": min(shares),
+            "cv": statistics.pstdev(shares) / mean if mean > 0 else 0.0}
+
+
+def new_run_folder(root: Path) -> Path:
+    """`root/<YYYYmmdd-HHMMSS>` (with `-2`, `-3`, ... when a run started in the same second), so that two runs of
+    one job never write into one TensorBoard series."""
+    base = root / datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    folder.mkdir(parents=True)
+    return folder
+
+
+class MetricsLogger:
+    """Console lines and TensorBoard. Every rank calls it; only `rank` 0 writes TensorBoard (and the logger prints
+    on rank 0 only). Tags follow torchtitan where they mean the same: loss_metrics/global_avg_loss, grad_norm, lr,
+    n_tokens_seen, throughput(tps), tflops, mfu(%), memory/max_active(GiB), time_metrics/end_to_end(s),
+    validation_metrics/loss. Expert loads are summarised per MoE layer (`moe_load/layer{L}/max_share`,
+    `min_share`, `cv`) plus one histogram per layer whose bucket e holds expert e's share (`.../shares`)."""
+
+    def __init__(self, metrics_cfg, dump_folder: str, flops_per_token: int, peak_flops: float, n_devices: int,
+                 rank: int = 0):
+        self.log_freq = metrics_cfg.log_freq
         self.flops_per_token, self.peak, self.n_devices = flops_per_token, peak_flops, n_devices
         self.writer = None
-        if rank == 0 and cfg.metrics.enable_tensorboard:
+        if rank == 0 and metrics_cfg.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            folder = Path(cfg.job.dump_folder) / cfg.metrics.save_tb_folder
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = new_run_folder(Path(dump_folder) / metrics_cfg.save_tb_folder)
             self.writer = SummaryWriter(str(folder))
+            logger.info(f"TensorBoard: {folder}")
         # ANSI colours for a human at a terminal; never in pipes or files (tests and log parsers read those).
-        color = getattr(sys.stdout, "isatty", lambda: False)() and not cfg.metrics.disable_color_printing
+        color = getattr(sys.stdout, "isatty", lambda: False)() and not metrics_cfg.disable_color_printing
         self._c = {"step": "\033[36m", "loss": "\033[32m", "off": "\033[0m"} if color else dict.fromkeys(
             ("step", "loss", "off"), "")
         self._t0 = 0.0
         self._time = 0.0  # seconds spent in training steps since the last logged step
         self._tokens = 0  # global tokens trained on since the last logged step
+        self._steps = 0  # steps since the last logged step
 
     def should_log(self, step: int) -> bool:
         return step == 1 or step % self.log_freq == 0
@@ -110,63 +147,70 @@ class MetricsLogger:
         """Only the training step is timed: validation and checkpoint saves between steps do not dilute tokens/s."""
         self._time += time.perf_counter() - self._t0
         self._tokens += global_tokens
+        self._steps += 1
 
-    def log_step(self, step: int, scalars: dict[str, float], expert_fracs: dict[int, list[float]], device,
-                 drop_fracs: dict[int, float] | None = None) -> None:
-        """drop_fracs (capacity-factor routing): layer -> fraction of its (token, slot) assignments dropped in
-        this step; the console shows the mean over layers and the worst layer."""
+    def log_step(self, step: int, losses: dict[str, float], lr: float, grad_norm: float, n_tokens_seen: int,
+                 expert_fracs: dict[int, list[float]], device, drop_fracs: dict[int, float] | None = None) -> None:
+        """`losses`: 'ce' and, when the run has them, 'load_balance' and 'z' (means over the global batch).
+        drop_fracs (capacity-factor routing): layer -> fraction of its (token, slot) assignments dropped in this
+        step; the console shows the mean over layers and the worst layer."""
         tps = self._tokens / self._time if self._time > 0 else 0.0
-        self._time, self._tokens = 0.0, 0
+        step_time = self._time / max(self._steps, 1)
+        self._time, self._tokens, self._steps = 0.0, 0, 0
         mfu = 100 * tps * self.flops_per_token / (self.peak * self.n_devices) if self.peak > 0 else float("nan")
-        scalars = {**scalars, "throughput/tokens_per_s": tps, "throughput/mfu_pct": mfu,
-                   "memory/max_gib": memory_gib(device)}
-        if self.rank != 0:
-            return
+        mem = memory_gib(device)
         c = self._c
-        parts = [f"{c['step']}step {step:5d}{c['off']}", f"{c['loss']}loss {scalars['loss/ce']:.4f}{c['off']}"]
-        if "loss/load_balance" in scalars:
-            parts.append(f"lb {scalars['loss/load_balance']:.4f}")
-        if "loss/z" in scalars:
-            parts.append(f"z {scalars['loss/z']:.4f}")
-        if drop_fracs:
-            parts.append(drop_summary(drop_fracs))
-        parts += [f"lr {scalars['lr']:.2e}", f"gnorm {scalars['grad_norm']:.3f}", f"tok/s {tps:,.0f}",
-                  f"mfu {mfu:.2f}%", f"peak mem {scalars['memory/max_gib']:.2f}GiB"]
-        print("  ".join(parts), flush=True)
-        self.write(step, scalars)
-        for layer, fracs in expert_fracs.items():
-            self.write(step, {f"moe/layer{layer}/expert{e}_frac": f for e, f in enumerate(fracs)})
-        self.write(step, {f"moe/layer{layer}/dropped_frac": f for layer, f in (drop_fracs or {}).items()})
+        parts = [f"{c['step']}step {step:5d}{c['off']}", f"{c['loss']}loss {losses['ce']:.4f}{c['off']}"]
+        parts += [f"{short} {losses[key]:.4f}" for key, short in (("load_balance", "lb"), ("z", "z")) if key in losses]
+        parts += [drop_summary(drop_fracs)] if drop_fracs else []
+        parts += [f"lr {lr:.2e}", f"gnorm {grad_norm:.3f}", f"tok/s {tps:,.0f}", f"mfu {mfu:.2f}%",
+                  f"peak mem {mem:.2f}GiB"]
+        logger.info("  ".join(parts))
+        self.write(step, {"loss_metrics/global_avg_loss": losses["ce"],
+                          **{f"loss_metrics/{k}": v for k, v in losses.items() if k != "ce"},
+                          "lr": lr, "grad_norm": grad_norm, "n_tokens_seen": n_tokens_seen,
+                          "throughput(tps)": tps / self.n_devices,
+                          "tflops": tps * self.flops_per_token / self.n_devices / 1e12, "mfu(%)": mfu,
+                          "memory/max_active(GiB)": mem, "time_metrics/end_to_end(s)": step_time})
+        self.write_expert_load(step, "moe_load", expert_fracs, drop_fracs)
 
-    def log_validation(self, step: int, loss: float, n_tokens: int,
+    def log_validation(self, step: int, loss: float, n_tokens: int, seconds: float | None = None,
                        expert_fracs: dict[int, list[float]] | None = None,
                        drop_fracs: dict[int, float] | None = None) -> None:
-        """The validation loss, and (MoE) each expert's share of the validation tokens' routing slots under
-        `validation/moe/...`: the same held-out batches every time, so these curves show the router itself moving
-        (step 0 is the growth audit's value, before any update)."""
-        if self.rank == 0:
-            drops = f"  {drop_summary(drop_fracs)}" if drop_fracs else ""
-            print(f"step {step:5d}  validation loss {loss:.4f}  ({n_tokens:,} tokens){drops}", flush=True)
-            self.write(step, {"validation/loss": loss})
-            for layer, fracs in (expert_fracs or {}).items():
-                self.write(step, {f"validation/moe/layer{layer}/expert{e}_frac": f for e, f in enumerate(fracs)})
-            self.write(step, {f"validation/moe/layer{layer}/dropped_frac": f
-                              for layer, f in (drop_fracs or {}).items()})
+        """The validation loss, and (MoE) each layer's expert shares of the validation tokens' routing slots under
+        `validation_metrics/moe_load/...`: the same held-out batches every time, so these show the router itself
+        moving (step 0 is the growth audit's value, before any update)."""
+        took = f" in {seconds:.2f}s" if seconds is not None else ""
+        drops = f"  {drop_summary(drop_fracs)}" if drop_fracs else ""
+        logger.info(f"step {step:5d}  validation loss {loss:.4f}  ({n_tokens:,} tokens){took}{drops}")
+        self.write(step, {"validation_metrics/loss": loss})
+        self.write_expert_load(step, "validation_metrics/moe_load", expert_fracs or {}, drop_fracs)
 
     def log_sources(self, step: int, tokens: dict[str, float]) -> None:
         """Training tokens taken from each source of a mixture so far (all ranks), and their shares."""
-        if self.rank == 0:
-            total = sum(tokens.values()) or 1.0
-            print(f"step {step:5d}  tokens by source: " + "  ".join(
-                f"{k} {int(n):,} ({100 * n / total:.1f}%)" for k, n in tokens.items()), flush=True)
-            self.write(step, {f"data/tokens/{k}": n for k, n in tokens.items()})
-            self.write(step, {f"data/share/{k}": n / total for k, n in tokens.items()})
+        total = sum(tokens.values()) or 1.0
+        logger.info(f"step {step:5d}  tokens by source: " + "  ".join(
+            f"{k} {int(n):,} ({100 * n / total:.1f}%)" for k, n in tokens.items()))
+        self.write(step, {f"data/tokens/{k}": n for k, n in tokens.items()})
+        self.write(step, {f"data/share/{k}": n / total for k, n in tokens.items()})
 
     def log_source_validation(self, step: int, name: str, loss: float, n_tokens: int) -> None:
         """One source's validation loss (a mixture); `log_validation` then logs their weighted mean."""
-        if self.rank == 0:
-            print(f"step {step:5d}  validation {name} loss {loss:.4f}  ({n_tokens:,} tokens)", flush=True)
-            self.write(step, {f"validation/{name}/loss": loss})
+        logger.info(f"step {step:5d}  validation {name} loss {loss:.4f}  ({n_tokens:,} tokens)")
+        self.write(step, {f"validation_metrics/{name}/loss": loss})
+
+    def write_expert_load(self, step: int, prefix: str, expert_fracs: dict[int, list[float]],
+                          drop_fracs: dict[int, float] | None = None) -> None:
+        if self.writer is None:
+            return
+        self.write(step, {f"{prefix}/layer{layer}/dropped_frac": f for layer, f in (drop_fracs or {}).items()})
+        for layer, shares in expert_fracs.items():
+            self.write(step, {f"{prefix}/layer{layer}/{k}": v for k, v in share_summary(shares).items()})
+            # Bucket e (upper edge e + 0.5) holds expert e's share: the whole distribution, exactly, in one event.
+            self.writer.add_histogram_raw(
+                f"{prefix}/layer{layer}/shares", min=0, max=len(shares) - 1, num=sum(shares),
+                sum=sum(e * x for e, x in enumerate(shares)), sum_squares=sum(e * e * x for e, x in enumerate(shares)),
+                bucket_limits=[e + 0.5 for e in range(len(shares))], bucket_counts=list(shares), global_step=step)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
@@ -176,15 +220,3 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def drop_summary(drop_fracs: dict[int, float]) -> str:
-    """'dropped 3.12% (max 5.00% layer 1)': assignments dropped at capacity, mean over MoE layers and the worst."""
-    worst = max(drop_fracs, key=drop_fracs.get)
-    mean = sum(drop_fracs.values()) / len(drop_fracs)
-    return f"dropped {100 * mean:.2f}% (max {100 * drop_fracs[worst]:.2f}% layer {worst})"
-
-
-def rank0_print(*args) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, flush=True)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from titan_aquila.errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -37,10 +36,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    o = cfg.optimizer
-    if o.name != "AdamW":
-        raise UserError(f"optimizer.name must be 'AdamW', got {o.name!r}")
+def build_optimizer(model: nn.Module, o) -> torch.optim.Optimizer:
+    """AdamW from the `[optimizer]` section `o` (its name is 'AdamW': the config accepts nothing else)."""
     impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[o.implementation]
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              **impl)
@@ -64,16 +61,27 @@ def lr_multiplier(step: int, warmup: int, total: int, decay_ratio: float | None,
     elif decay_type == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * p))
     else:
-        raise UserError(f"lr_scheduler.decay_type must be linear, sqrt or cosine, got {decay_type!r}")
+        raise ValueError(f"unknown decay_type {decay_type!r}")  # the config allows only the three above
     return min_lr_factor + (1.0 - min_lr_factor) * decay
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR calls the lambda with the number of steps taken so far (0 before the first step)."""
-    s = cfg.lr_scheduler
-    total = cfg.training.steps
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, s, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of the `[lr_scheduler]` section `s` over `total_steps` (training.steps). LambdaLR calls the
+    lambda with the number of steps taken so far (0 before the first step)."""
 
     def fn(steps_done: int) -> float:
-        return lr_multiplier(steps_done + 1, s.warmup_steps, total, s.decay_ratio, s.decay_type, s.min_lr_factor)
+        return lr_multiplier(steps_done + 1, s.warmup_steps, total_steps, s.decay_ratio, s.decay_type, s.min_lr_factor)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set every parameter group's LR from this scheduler's own schedule at its current step.
+
+    After a resume the optimizer's LR is the one the saved run's schedule set after its last step; when the resumed
+    run has another schedule (e.g. training.steps 10 -> 20) the next step must use the new one. With an unchanged
+    schedule this writes the very same value (base_lr * multiplier(steps done)), so resuming stays bit-exact."""
+    groups = scheduler.optimizer.param_groups
+    for group, base_lr, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

@@ -14,22 +14,22 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def training_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, aux_2: torch.Tensor, moe_cfg
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def training_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, aux_2: torch.Tensor, load_balance_coeff: float,
+                  z_loss_coeff: float, z_on_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The objective of one micro-batch and its detached parts [ce, load_balance, z]:
 
         loss = CE(fp32 logits) + load_balance_coeff * lb + z_loss_coeff * z
-        z    = the model's router z-loss (z_loss_type 'router_lse' | 'router_max'), or with 'output_max'
-               (Baichuan 2's max-z on the LM head) the mean over tokens of (max_v logit)^2
+        z    = the model's router z-loss (z_loss_type 'router_lse' | 'router_max'), or with `z_on_output`
+               (z_loss_type 'output_max', Baichuan 2's max-z on the LM head) the mean over tokens of (max_v logit)^2
 
     CE is the mean over the micro-batch's tokens; every micro-batch holds the same number of tokens (packed
     windows), so the mean of micro-batch losses is the mean over the whole batch."""
     logits = logits_BTV.float()  # fp32 softmax even under bf16 autocast
     ce = F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten())
     lb, z = aux_2[0], aux_2[1]
-    if moe_cfg.z_loss_type == "output_max":  # the model's router z is 0 for this type
+    if z_on_output:  # the model's router z is 0 for this type
         z = logits.max(dim=-1).values.pow(2).mean()
-    loss = ce + moe_cfg.load_balance_coeff * lb + moe_cfg.z_loss_coeff * z
+    loss = ce + load_balance_coeff * lb + z_loss_coeff * z
     return loss, torch.stack([ce, lb, z]).detach()
 
 

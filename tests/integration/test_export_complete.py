@@ -25,7 +25,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None
 FIXTURE = sorted((ROOT / "assets" / "text").rglob("*.txt"))
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
           r"\s+(?!\S)|\s+")
-QUIET = dict(log=lambda *_: None)
 
 
 def _lines() -> list[str]:
@@ -61,11 +60,11 @@ def hf_source(tmp_path_factory) -> Path:
 def test_import_export_keeps_tokenizer_ids_and_works_in_a_pipeline(hf_source, tmp_path):
     from transformers import AutoTokenizer, pipeline
 
-    ck = import_hf(hf_source, tmp_path / "ck", **QUIET)
+    ck = import_hf(hf_source, tmp_path / "ck")
     assert (ck / "tokenizer" / "tokenizer.json").read_bytes() == (hf_source / "tokenizer.json").read_bytes()
     tok = resolve_tokenizer("", ck)  # a run on the checkpoint uses its tokenizer unless told otherwise
     assert tok.path == ck / "tokenizer" / "tokenizer.json" and tok.eos_id == 0 and tok.bos_id == 1
-    out = export_hf(tmp_path / "ck", tmp_path / "hf", **QUIET)
+    out = export_hf(tmp_path / "ck", tmp_path / "hf")
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["dtype"]) == (1, 2, "bfloat16")
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
@@ -86,7 +85,7 @@ def test_tiktoken_vocabulary_is_exported_as_an_equal_tokenizer_json(tmp_path):
                      tie_embeddings=True).validate()
     sd = {k: v.detach().clone() for k, v in build_model(args, seed=1).state_dict().items()}
     write_model_checkpoint(tmp_path / "ck", sd, args, {})  # no tokenizer recorded: the shipped SmolLM2 one
-    out = export_hf(tmp_path / "ck", tmp_path / "hf", **QUIET)
+    out = export_hf(tmp_path / "ck", tmp_path / "hf")
     ours, theirs = Tokenizer(), AutoTokenizer.from_pretrained(str(out))
     assert Tokenizer(out).fingerprint == ours.fingerprint
     cfg = json.loads((out / "config.json").read_text())
@@ -95,23 +94,23 @@ def test_tiktoken_vocabulary_is_exported_as_an_equal_tokenizer_json(tmp_path):
         assert theirs(line, add_special_tokens=False)["input_ids"] == ours.encode(line)
 
 
-def test_tokenizer_mismatches_are_clear_errors(hf_source, tmp_path):
-    import_hf(hf_source, tmp_path / "ck", **QUIET)
+def test_tokenizer_mismatches_are_clear_errors(hf_source, tmp_path, capsys):
+    import_hf(hf_source, tmp_path / "ck")
     with pytest.raises(UserError, match="different tokenizer .* leave --tokenizer empty"):
-        export_hf(tmp_path / "ck", tmp_path / "hf", tokenizer=str(ROOT / "assets/tokenizer/smollm2.tiktoken"),
-                  **QUIET)
+        export_hf(tmp_path / "ck", tmp_path / "hf", tokenizer=str(ROOT / "assets/tokenizer/smollm2.tiktoken"))
     assert not (tmp_path / "hf").exists()
     bad = tmp_path / "src"  # a source whose tokenizer has ids beyond the model's vocabulary
     shutil.copytree(hf_source, bad)
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "vocab_size": 500}))
     with pytest.raises(UserError, match="ids up to 599 but .* vocab_size 500"):
-        import_hf(bad, tmp_path / "ck2", **QUIET)
+        import_hf(bad, tmp_path / "ck2")
     assert not (tmp_path / "ck2").exists()
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "tokenizer.json").unlink()  # no usable tokenizer: imported, but no run silently uses SmolLM2's ids
-    notes = []
-    ck3 = import_hf(bad, tmp_path / "ck3", log=notes.append)
+    capsys.readouterr()
+    ck3 = import_hf(bad, tmp_path / "ck3")
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: ")]
     assert "has no tokenizer.json" in notes[0] and not (ck3 / "tokenizer").exists()
     with pytest.raises(UserError, match="carries no tokenizer .* set model.tokenizer_path"):
         resolve_tokenizer("", ck3)
@@ -143,7 +142,7 @@ def _one_line_error(run, needle: str) -> None:
 def test_training_on_an_imported_checkpoint_uses_and_records_its_tokenizer(hf_source, tmp_path):
     from _util import run_train
 
-    ck = import_hf(hf_source, tmp_path / "ck", **QUIET)
+    ck = import_hf(hf_source, tmp_path / "ck")
     cfg = _train_config(tmp_path, ck)
     run = run_train(cfg, timeout=300)
     assert run.rc == 0, run.err
@@ -154,7 +153,7 @@ def test_training_on_an_imported_checkpoint_uses_and_records_its_tokenizer(hf_so
     train = lineage["stages"][1]
     assert (train["end_step"], train["tokens"]) == (2, 2 * 2 * 32)
     assert train["validation_loss"] == pytest.approx(run.val_losses[2], abs=1e-4)
-    out = export_hf(tmp_path / "run" / "checkpoint", tmp_path / "hf", **QUIET)
+    out = export_hf(tmp_path / "run" / "checkpoint", tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["bos_token_id"] == 1  # the source's, kept
     assert "**Training**: 2 steps" in (out / "README.md").read_text()
     # the shipped SmolLM2 tokenizer is not the checkpoint's: refused before training
@@ -165,7 +164,7 @@ def test_training_on_an_imported_checkpoint_uses_and_records_its_tokenizer(hf_so
 def test_growth_at_load_is_recorded_and_exported(hf_source, tmp_path):
     from _util import run_train
 
-    ck = import_hf(hf_source, tmp_path / "ck", **QUIET)
+    ck = import_hf(hf_source, tmp_path / "ck")
     run = run_train(_train_config(tmp_path, ck, grow=True), timeout=300)
     assert run.rc == 0, run.err
     step = tmp_path / "run" / "checkpoint" / "step-2"
@@ -173,7 +172,7 @@ def test_growth_at_load_is_recorded_and_exported(hf_source, tmp_path):
     assert [s["kind"] for s in stages] == ["import", "growth", "train"]
     assert (stages[1]["methods"], stages[1]["seed"], stages[1]["source"]) == (["zero"], 5, str(ck.resolve()))
     assert (step / "tokenizer" / "tokenizer.json").is_file()
-    card = (export_hf(step, tmp_path / "hf", **QUIET) / "README.md").read_text()
+    card = (export_hf(step, tmp_path / "hf") / "README.md").read_text()
     assert "**Growth**: zero" in card and "seed 5" in card
 
 

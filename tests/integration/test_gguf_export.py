@@ -23,7 +23,6 @@ pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in
 FIXTURE = sorted((ROOT / "assets" / "text").rglob("*.txt"))
 BASE = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=640, max_seq_len=64,
             rope_theta=10000.0, norm_eps=1e-5, init_std=0.1)
-QUIET = dict(log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def test_dense_gguf_matches_transformers_loader(overrides, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args, model = _checkpoint(tmp_path, **overrides)
-    out = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", dtype="float32", tokenizer=str(tokenizer), **QUIET)
+    out = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", dtype="float32", tokenizer=str(tokenizer))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
     tokens = torch.randint(0, 600, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -69,7 +68,7 @@ def test_mixtral_gguf_round_trips_through_our_import(tokenizer, tmp_path):
     import gguf
 
     args, model = _checkpoint(tmp_path, n_experts=4, top_k=2, moe_ffn_dim=24, router_order="topk_softmax")
-    export_gguf(tmp_path / "ck", tmp_path / "moe.gguf", dtype="float32", tokenizer=str(tokenizer), **QUIET)
+    export_gguf(tmp_path / "ck", tmp_path / "moe.gguf", dtype="float32", tokenizer=str(tokenizer))
     back_args, sd = read_gguf(tmp_path / "moe.gguf")
     assert (back_args.n_experts, back_args.top_k, back_args.moe_ffn_dim) == (4, 2, 24)
     for k, v in model.state_dict().items():
@@ -77,7 +76,7 @@ def test_mixtral_gguf_round_trips_through_our_import(tokenizer, tmp_path):
     reader = gguf.GGUFReader(str(tmp_path / "moe.gguf"))
     assert reader.fields["llama.expert_count"].contents() == 4
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 640  # 600 ids + 40 "[PAD<id>]"
-    export_gguf(tmp_path / "ck", tmp_path / "bf16.gguf", tokenizer=str(tokenizer), **QUIET)  # default bfloat16
+    export_gguf(tmp_path / "ck", tmp_path / "bf16.gguf", tokenizer=str(tokenizer))  # default bfloat16
     _, sd16 = read_gguf(tmp_path / "bf16.gguf")
     w = model.state_dict()["layers.0.moe.experts.w1"]
     assert torch.equal(sd16["layers.0.moe.experts.w1"], w.to(torch.bfloat16).float())
@@ -86,5 +85,5 @@ def test_mixtral_gguf_round_trips_through_our_import(tokenizer, tmp_path):
 def test_unsupported_moe_is_a_clear_error(tmp_path):
     _checkpoint(tmp_path, n_experts=4, top_k=2, moe_ffn_dim=24, router_order="softmax_topk")
     with pytest.raises(UserError, match="Mixtral-style MoE only"):
-        export_gguf(tmp_path / "ck", tmp_path / "x.gguf", tokenizer=None, **QUIET)
+        export_gguf(tmp_path / "ck", tmp_path / "x.gguf", tokenizer=None)
     assert not (tmp_path / "x.gguf").exists()

@@ -4,7 +4,7 @@ One tiny dense run (module fixture) saves the source checkpoint; then
   - Scale-Up: [growth] methods = ["fpi", "zero"] (width x2, 2 -> 3 layers, both exact): the growth audit shows the
     source loss kept (<= 1e-4) and the grown model's training loss falls;
   - Scale-Out: methods = ["upcycle"] (4 experts, top-2, Mixtral routing): the audit keeps the loss, the loss falls,
-    and the experts' share of the *same* validation batches (TensorBoard `validation/moe/...`, step 0 = the audit,
+    and the experts' share of the *same* validation batches (TensorBoard `validation_metrics/moe_load/...`, step 0 = the audit,
     before any update) moves away from its initial value as the router trains.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from _util import ROOT, losses, run_train, tiny_config
+from _util import ROOT, losses, read_tensorboard, run_train, tensorboard_runs, tiny_config
 
 COMMON = dict(training={"local_batch_size": 2, "seq_len": 32, "steps": 10, "seed": 7},
               optimizer={"lr": 3e-3}, lr_scheduler={"warmup_steps": 2})
@@ -72,15 +72,14 @@ def test_train_py_upcycles_on_two_ranks_and_the_validation_expert_load_moves(tmp
     assert audit["methods"] == "upcycle" and sorted(audit["expert_load"]) == ["0", "1"]
     assert "experts used per MoE layer" in out
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tmp_path / "grown" / "tb"))
-    acc.Reload()
+    (run,) = tensorboard_runs(tmp_path / "grown" / "tb")
+    acc = read_tensorboard(run)
     moved = []
     for layer in (0, 1):
-        series = [acc.Scalars(f"validation/moe/layer{layer}/expert{e}_frac") for e in range(E)]
-        assert all([s.step for s in ser] == [0, 10] for ser in series)
-        start, end = [[ser[i].value for ser in series] for i in (0, 1)]
+        series = acc.Histograms(f"validation_metrics/moe_load/layer{layer}/shares")  # bucket e = expert e's share
+        assert [h.step for h in series] == [0, 10]
+        start, end = [list(h.histogram_value.bucket) for h in series]
+        assert len(start) == E
         assert start == pytest.approx(audit["expert_load"][str(layer)], abs=1e-6)  # step 0 is the audit
         assert sum(start) == pytest.approx(1.0, abs=1e-5) and sum(end) == pytest.approx(1.0, abs=1e-5)
         moved.append(max(abs(a - b) for a, b in zip(start, end)))
@@ -97,4 +96,5 @@ def test_train_py_upcycles_on_two_ranks_and_the_validation_expert_load_moves(tmp
         ("0", "0->10", pytest.approx(moved[0], abs=1e-4)), ("1", "0->10", pytest.approx(moved[1], abs=1e-4))]
     empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "expert_load.py"), str(tmp_path)],
                            capture_output=True, text=True, timeout=60)
-    assert empty.returncode == 2 and empty.stderr.startswith("error: no validation/moe/") and "Traceback" not in empty.stderr
+    assert empty.returncode == 2 and empty.stderr.startswith("error: no validation_metrics/moe_load/") and \
+        "Traceback" not in empty.stderr

@@ -139,10 +139,11 @@ methods = ["fpi"]
 def test_aquila3_7b_to_16b_config_plans():
     from titan_aquila.growth.loader import growth_options
     from titan_aquila.config import load_job_config
-    from titan_aquila.models.args import FLAVORS, build_model_args
+    from titan_aquila.config.validate import job_model_args
+    from titan_aquila.models.args import FLAVORS
 
     cfg = load_job_config(["--job.config_file", str(REPO / "train_configs/aquila3_7b_to_16b.toml")])
-    target = build_model_args(cfg.model.flavor, {**cfg.model.overrides, "z_loss_type": cfg.moe.z_loss_type})
+    target = job_model_args(cfg)
     plan = plan_growth(list(cfg.growth.methods), FLAVORS["aquila3_7b"], target, growth_options(cfg))
     d = plan.dst_args
     assert (d.dim, d.n_layers, d.n_heads, d.n_kv_heads, d.head_dim, d.ffn_dim) == (5120, 40, 40, 8, 128, 20480)

@@ -73,7 +73,7 @@ def test_export_matches_transformers_logits(case, tmp_path):
     model = build_model(args, seed=3)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     write_model_checkpoint(tmp_path / "ckpt", sd, args, {})
-    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype="float32", log=lambda *_: None)
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype="float32")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [hf_class]
     assert config["tie_word_embeddings"] == args.tie_embeddings
@@ -107,14 +107,14 @@ def test_import_from_transformers_then_export_round_trips(kind, tmp_path):
 
     src = _hf_random(kind, tmp_path / "src")
     assert (src / "model.safetensors.index.json").exists()
-    import_hf(src, tmp_path / "ckpt", log=lambda *_: None)
+    import_hf(src, tmp_path / "ckpt")
     args = read_checkpoint_args(tmp_path / "ckpt")
     sd = read_model_state_dict(tmp_path / "ckpt")
     tokens = _tokens(args.vocab_size)
     diff = (_titan_logits(args, sd, tokens) - _hf_logits(src, tokens)).abs().max().item()
     print(f"\n{kind}: HF random -> import: max |logit diff| = {diff:.2e}")
     assert diff <= TOL
-    out = export_hf(tmp_path / "ckpt", tmp_path / "back", arch=kind, dtype="float32", log=lambda *_: None)
+    out = export_hf(tmp_path / "ckpt", tmp_path / "back", arch=kind, dtype="float32")
     original = {}
     for f in src.glob("*.safetensors"):
         with safe_open(str(f), "pt") as h:

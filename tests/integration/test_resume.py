@@ -180,7 +180,7 @@ def _worker_main() -> None:
 
         traceback.print_exc()
         code = 1
-    if world > 1:  # gloo-safe teardown (cpu-facts trap 1)
+    if world > 1:  # gloo-safe teardown (gloo can crash a normal interpreter exit)
         dist.barrier()
         dist.destroy_process_group()
     sys.stdout.flush()
@@ -357,3 +357,23 @@ def test_train_py_resume_after_sigkill_is_bit_exact(tmp_path):
     ref = read_model_state_dict(tmp_path / "ref" / "checkpoint" / f"step-{steps}")
     got = read_model_state_dict(ck / f"step-{steps}")
     assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)  # bit-identical weights
+
+
+def test_resume_with_more_steps_follows_the_new_lr_schedule(tmp_path):
+    """10 steps with a 10-step linear schedule, then the same job resumed with training.steps 20: steps 11-20 take
+    the 20-step schedule's LR (the saved optimizer holds the old schedule's end value, 0)."""
+    from _util import read_tensorboard, run_train, tensorboard_runs, tiny_config
+
+    from titan_aquila.optim import lr_multiplier
+
+    cfg = tiny_config(tmp_path, training={"steps": 10}, checkpoint={"enable": True, "interval": 10},
+                      lr_scheduler={"warmup_steps": 2, "decay_type": "linear"},
+                      metrics={"log_freq": 1, "enable_tensorboard": True})
+    assert run_train(cfg).rc == 0
+    resumed = run_train(cfg, "--training.steps", "20")
+    assert resumed.rc == 0, resumed.err
+    assert sorted(resumed.losses) == list(range(11, 21))
+    lrs = {e.step: e.value for e in read_tensorboard(tensorboard_runs(tmp_path / "run" / "tb")[-1]).Scalars("lr")}
+    want = {s: 3e-3 * lr_multiplier(s, 2, 20, None, "linear", 0.0) for s in range(11, 21)}
+    assert want[11] == pytest.approx(1.5e-3) and 3e-3 * lr_multiplier(11, 2, 10, None, "linear", 0.0) == 0.0
+    assert lrs == pytest.approx(want, rel=1e-6)

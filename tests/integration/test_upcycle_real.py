@@ -38,7 +38,7 @@ def _grown(cfg, target):
     model = build_model(plan.dst_args, "meta")
     model.to_empty(device="cpu")
     model.reset_rope()
-    load_grown_weights(cfg, model, plan.dst_args, plan, log=print)
+    load_grown_weights(cfg, model, plan.dst_args, plan)
     for i in plan.dst_args.moe_layer_ids:  # a non-persistent counter, left uninitialised by to_empty
         model.layers[str(i)].moe.tokens_per_expert.zero_()
     return model.eval()
@@ -53,7 +53,7 @@ def test_smollm2_upcycled_to_8x_top2_keeps_the_dense_loss(tmp_path):
     from titan_aquila.models.aquila import build_model
     from titan_aquila.data.tokenizer import Tokenizer
 
-    ckpt = import_gguf(tmp_path / "smollm2", log=print)
+    ckpt = import_gguf(tmp_path / "smollm2")
     text = (REPO / "assets/text/eval/austen_pp_ch34.txt").read_text()
     ids = torch.tensor([Tokenizer(REPO / "assets/tokenizer/smollm2.tiktoken").encode(text)[:N_TOKENS + 1]])
     assert ids.shape[1] == N_TOKENS + 1

@@ -14,6 +14,7 @@ import pytest
 from titan_aquila.config import parse as config_parse
 from titan_aquila.config import JobConfig, help_text, load_job_config, print_help
 from titan_aquila.errors import UserError
+from titan_aquila.config.validate import job_model_args
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -174,10 +175,21 @@ def test_enum_values_with_suggestion(tmp_path):
         "did you mean 'cosine'?")
     assert error_of(["--optimizer.name", "adamw"]) == (
         "invalid value 'adamw' for 'optimizer.name': expected one of 'AdamW'; did you mean 'AdamW'?")
+    path = write(tmp_path, '[float8]\nrecipe_name = "rowwize"\n')
+    assert error_of(["--job.config_file", path]) == (
+        "invalid value 'rowwize' for 'float8.recipe_name': expected one of 'tensorwise', 'rowwise'; "
+        "did you mean 'rowwise'?")
     path = write(tmp_path, '[moe]\nz_loss_type = "router_lse2"\n')
     assert error_of(["--job.config_file", path]) == (
         "invalid value 'router_lse2' for 'moe.z_loss_type': expected one of 'router_lse', 'router_max', "
         "'output_max'; did you mean 'router_lse'?")
+    # [moe] options the model reads are set in [moe] only, and job_model_args copies them into ModelArgs
+    cfg = load_job_config(["--moe.z_loss_type", "router_max", "--moe.capacity_factor", "1.5"])
+    args = job_model_args(cfg)
+    assert (args.z_loss_type, args.capacity_factor) == ("router_max", 1.5)
+    cfg.model.overrides = {"z_loss_type": "router_lse"}
+    with pytest.raises(UserError, match=r"^set z_loss_type in \[moe\], not in \[model.overrides\]$"):
+        job_model_args(cfg)
     assert error_of(["--training.autocast_dtype", "float16"]) == (
         "invalid value 'float16' for 'training.autocast_dtype': expected one of '', 'bfloat16'; did you mean 'bfloat16'?")
     assert error_of(["--compile.components", "model,los"]) == (
@@ -197,12 +209,13 @@ def test_validate_ranges():
         "training.global_batch_size must be a multiple of training.local_batch_size (8), got 12")
     assert error_of(["--parallelism.data_parallel_shard_degree", "0"]) == (
         "parallelism.data_parallel_shard_degree must be -1 or >= 1, got 0")
-    assert error_of(["--activation_checkpoint.selective_ac_option", "opp"]) == (
-        "activation_checkpoint.selective_ac_option must be 'op' or a positive integer such as '2', got 'opp'")
+    assert error_of(["--activation_checkpoint.selective_ac_option", "op"]) == (
+        "activation_checkpoint.selective_ac_option must be a positive integer such as '2' (op-level 'op' is not "
+        "implemented), got 'op'")
     assert error_of(["--growth.enable", "--growth.methods", "upcycle"]) == (
         "growth.source_path must be set when growth.enable is true, got None")
     cfg = load_job_config(["--training.global_batch_size", "32", "--training.max_norm", "inf",
-                           "--activation_checkpoint.selective_ac_option", "op", "--growth.enable",
+                           "--activation_checkpoint.selective_ac_option", "3", "--growth.enable",
                            "--growth.source_path", "ck", "--growth.methods", "upcycle"])
     assert cfg.training.global_batch_size == 32 and math.isinf(cfg.training.max_norm)
     # validate() also catches values set in code with a wrong type
@@ -259,7 +272,7 @@ def test_help_lists_every_field(capsys):
     assert '  --compile.components (list[str], default ["model"]): What to compile: \'model\' (each transformer block) and/or \'loss\'.' in lines
     assert any(line.startswith("  --model.overrides (dict, TOML table only, default {}): ") for line in lines)
     n_options = sum(len(dataclasses.fields(s.default_factory)) for s in dataclasses.fields(JobConfig))
-    assert sum(line.startswith("  --") for line in lines) == n_options == 85
+    assert sum(line.startswith("  --") for line in lines) == n_options == 84
     print_help("p")
     assert capsys.readouterr().out == help_text("p")
 

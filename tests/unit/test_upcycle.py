@@ -226,7 +226,7 @@ def test_upcycled_model_exports_to_mixtral_with_the_same_logits(r, tmp_path):
     src, dense = dense_model()
     dst, sd = upcycle(src, dense.state_dict(), GrowthOptions(drop_ratio=r), n_experts=4, top_k=2)
     write_model_checkpoint(tmp_path / "ckpt", {k: materialize(v) for k, v in sd.items()}, dst, {})
-    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype="float32", log=lambda *_: None)
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(hf).__name__ == "MixtralForCausalLM"
     with torch.no_grad():

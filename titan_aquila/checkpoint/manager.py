@@ -47,26 +47,11 @@ from titan_aquila.checkpoint.lineage import copy_files
 from titan_aquila.checkpoint.weights import load_model_weights
 from titan_aquila.growth.loader import load_grown_weights, resolve_growth  # noqa: F401
 from titan_aquila.errors import UserError
+from titan_aquila.logging import logger
 from titan_aquila.models.args import ModelArgs
 
 __all__ = ["CheckpointManager", "read_checkpoint_args", "load_model_weights", "resolve_growth"]
 KILL_HOOK = "TITAN_AQUILA_TEST_KILL_DURING_SAVE"
-
-
-def _dp_coords(parallel_dims, rank: int, world: int) -> tuple[int, int]:
-    """(dp rank, dp degree) of this process: the 'dp' sub-mesh when the ParallelDims has one, else
-    dp_replicate * dp_shard ranks laid out outermost (torchtitan order), else every rank is its own dp rank."""
-    if parallel_dims is None:
-        return rank, world
-    try:
-        sub = parallel_dims.world_mesh["dp"]
-        return sub.get_local_rank(), sub.size()
-    except Exception:  # no mesh yet, or no 'dp' dimension (dp degree 1)
-        pass
-    degree = int(getattr(parallel_dims, "dp_replicate", 1) or 1) * int(getattr(parallel_dims, "dp_shard", 1) or 1)
-    if degree < 1 or world % degree:
-        return rank, world
-    return rank // (world // degree), degree
 
 
 class _Quiet(warnings.catch_warnings):
@@ -83,7 +68,7 @@ class _Quiet(warnings.catch_warnings):
 
 class CheckpointManager:
     def __init__(self, cfg, model: torch.nn.Module, optimizer, lr_scheduler, dataloader, model_args: ModelArgs,
-                 parallel_dims=None, *, growth_plan=None, dp_rank: int | None = None, dp_degree: int | None = None):
+                 parallel_dims=None, *, growth_plan=None):
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
         self.lr_scheduler, self.dataloader, self.model_args = lr_scheduler, dataloader, model_args
         self.growth_plan = growth_plan
@@ -91,9 +76,9 @@ class CheckpointManager:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
-        r, d = _dp_coords(parallel_dims, self.rank, self.world)
-        self.dp_rank = r if dp_rank is None else dp_rank
-        self.dp_degree = d if dp_degree is None else dp_degree
+        # Which batch slice this rank reads: its data-parallel coordinates (every rank is its own without dims).
+        self.dp_rank, self.dp_degree = ((parallel_dims.dp_rank(), parallel_dims.dp_degree) if parallel_dims is not None
+                                        else (self.rank, self.world))
         # A gloo group for our own coordination and for async saves: its collectives run beside training's.
         self.pg = dist.new_group(backend="gloo") if self.distributed else None
         self.dp_rank_of_rank = self._all_gather_int(self.dp_rank)
@@ -128,8 +113,7 @@ class CheckpointManager:
         return _Quiet(not self.distributed)
 
     def _log(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"[checkpoint] {msg}", flush=True)
+        logger.info(f"[checkpoint] {msg}")
 
     # ---- load ------------------------------------------------------------------------------------------------
     def load(self) -> int:
@@ -143,14 +127,12 @@ class CheckpointManager:
         latest = latest_checkpoint(self.folder) if ck.enable else None
         if latest is not None:
             return self._load_from(latest, model_only=False, resume=True)
-        if ck.initial_load_path:
-            if g.enable:
-                raise UserError("set either checkpoint.initial_load_path or growth.enable, not both")
+        if ck.initial_load_path:  # never together with growth.enable (config/validate.py)
             src = resolve_checkpoint_dir(ck.initial_load_path, "checkpoint.initial_load_path")
             step = self._load_from(src, model_only=ck.initial_load_model_only, resume=False)
             return 0 if ck.initial_load_model_only else step
         if g.enable:
-            load_grown_weights(self.cfg, self.model, self.model_args, self.growth_plan, log=self._log)
+            load_grown_weights(self.cfg, self.model, self.model_args, self.growth_plan)
             return 0
         return 0
 
@@ -249,6 +231,7 @@ class CheckpointManager:
 
     def save(self, step: int, model_only: bool = False) -> None:
         self.wait()
+        self._log(f"saving step {step}{' (model only)' if model_only else ''} to {self.folder}")
         tmp = self.folder / f"step-{step}.tmp-{self._token()}"
         state = self._state_dict(step, model_only)
         if self.rank == 0:

@@ -30,16 +30,12 @@ from pathlib import Path
 import torch
 
 from titan_aquila.errors import UserError
-from titan_aquila.models.args import ModelArgs
+from titan_aquila.models.args import RUNTIME_FIELDS, ModelArgs
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 TMP_RE = re.compile(r"^step-(\d+)\.tmp-")
 MODEL_ARGS, JOB_CONFIG, METADATA = "model_args.json", "job_config.json", "metadata.json"
 DCP_METADATA = ".metadata"
-# ModelArgs fields that are runtime choices (no weight depends on them); they may differ between a checkpoint
-# and the config that loads it. Same set as growth.plan_growth ignores.
-RUNTIME_FIELDS = ("use_grouped_mm", "max_seq_len", "z_loss_type", "init_std", "capacity_factor",
-                  "pad_to_capacity")
 
 
 # ---- layout ------------------------------------------------------------------------------------------------

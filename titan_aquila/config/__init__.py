@@ -1,4 +1,5 @@
-"""The job configuration: `JobConfig` and its sections (job_config.py), the TOML + command-line machinery (parse.py).
+"""The job configuration: `JobConfig` and its sections (job_config.py), the TOML + command-line machinery (parse.py),
+every rule the settings must satisfy (validate.py).
 
     python -m titan_aquila.config --help          # every option with its type, default and meaning
     python -m titan_aquila.config [options]       # print the resolved config as JSON

@@ -1,7 +1,7 @@
 """JobConfig: every option of a training job, one dataclass per section; defaults < TOML < command line.
 
 Section and option names follow torchtitan v0.2.2 (`config/job_config.py`) where it has them. The string
-under each field is its `--help` text. The mechanism (types, TOML/CLI merging, help) is in config_parse.py.
+under each field is its `--help` text. The mechanism (types, TOML/CLI merging, help) is in parse.py, the rules in validate.py.
 
     cfg = load_job_config(["--job.config_file", "train_configs/debug_model.toml", "--training.steps", "20"])
     python -m titan_aquila.config --help          # every option with its type, default and meaning
@@ -10,14 +10,12 @@ under each field is its `--help` text. The mechanism (types, TOML/CLI merging, h
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from titan_aquila.config import parse as cp
-from titan_aquila.data.sources import mixture_errors
 from titan_aquila.errors import UserError
 
 
@@ -155,8 +153,6 @@ class Parallelism:
     """Expert-parallel degree of MoE layers: experts are split over this many ranks (1 = off)."""
     enable_sequence_parallel: bool = True
     """With tensor parallelism, shard norm inputs and residual activations along the sequence."""
-    enable_loss_parallel: bool = False
-    """With tensor parallelism, compute cross-entropy on vocab-sharded logits without gathering them."""
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     """Free all-gathered FSDP parameters after forward: 'always', 'never' (faster, more memory), or 'default'
     (the parallelize code's choice)."""
@@ -219,7 +215,8 @@ class ActivationCheckpoint:
     mode: Literal["none", "full", "selective"] = "none"
     """'none', 'full' (every block) or 'selective' (see selective_ac_option)."""
     selective_ac_option: str = "2"
-    """For selective mode: an integer n (as a string) checkpoints every n-th block (0, n, 2n, ...)."""
+    """For selective mode: a positive integer n (written as a string, as in torchtitan) checkpoints every n-th
+    block (0, n, 2n, ...); torchtitan's op-level 'op' is not implemented."""
 
 
 @dataclass
@@ -293,7 +290,7 @@ class Growth:
 
 @dataclass
 class JobConfig:
-    """All options of a job. Build with `load_job_config`; `validate()` checks cross-field rules."""
+    """All options of a job. Build with `load_job_config`; `validate()` checks each option's own rules."""
 
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -323,83 +320,11 @@ class JobConfig:
         return cfg
 
     def validate(self) -> None:
-        """Raise one `UserError` listing every violated rule (types, allowed values, ranges, combinations)."""
-        errors: list[str] = []
-        for key, opt in cp.all_options(type(self)).items():
-            value = getattr(getattr(self, opt.section), opt.name)
-            try:
-                cp.from_value(opt, value, "")
-            except UserError as e:
-                errors.append(str(e))
-                continue
-            if (msg := cp.check_choice(opt, value)) is not None:
-                errors.append(msg)
-        if errors:  # range checks below assume the types are right
-            raise UserError("; ".join(errors))
+        """Raise one `UserError` listing every violated single-option rule (types, allowed values, ranges);
+        the rules are in titan_aquila/config/validate.py, with the ones that span sections (`validate_job`)."""
+        from titan_aquila.config.validate import option_errors
 
-        def need(ok: bool, key: str, rule: str) -> None:
-            if not ok:
-                section, _, name = key.partition(".")
-                errors.append(f"{key} must be {rule}, got {getattr(getattr(self, section), name)!r}")
-
-        t, o, s, v, p = self.training, self.optimizer, self.lr_scheduler, self.validation, self.parallelism
-        ck, ac, g = self.checkpoint, self.activation_checkpoint, self.growth
-        need(bool(self.job.dump_folder), "job.dump_folder", "a non-empty path")
-        need(bool(self.model.name), "model.name", "non-empty")
-        need(bool(self.model.flavor), "model.flavor", "non-empty")
-        need(t.local_batch_size >= 1, "training.local_batch_size", ">= 1")
-        need(t.global_batch_size == -1 or t.global_batch_size >= 1, "training.global_batch_size", "-1 or >= 1")
-        if t.global_batch_size >= 1 and t.local_batch_size >= 1:
-            need(t.global_batch_size % t.local_batch_size == 0, "training.global_batch_size",
-                 f"a multiple of training.local_batch_size ({t.local_batch_size})")
-        need(t.seq_len >= 1, "training.seq_len", ">= 1")
-        need(t.max_norm > 0, "training.max_norm", "> 0 (inf disables clipping)")
-        need(t.steps >= 1, "training.steps", ">= 1")
-        need(t.seed >= 0, "training.seed", ">= 0")
-        need(t.num_workers >= 0, "training.num_workers", ">= 0")
-        errors += mixture_errors(t.datasets, t.dataset_path)
-        need(o.lr >= 0 and math.isfinite(o.lr), "optimizer.lr", "finite and >= 0")
-        need(o.eps > 0, "optimizer.eps", "> 0")
-        need(0 <= o.beta1 < 1, "optimizer.beta1", "in [0, 1)")
-        need(0 <= o.beta2 < 1, "optimizer.beta2", "in [0, 1)")
-        need(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
-        need(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", ">= 0")
-        need(s.decay_ratio is None or 0 < s.decay_ratio <= 1, "lr_scheduler.decay_ratio", "none or in (0, 1]")
-        need(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", "in [0, 1]")
-        need(v.freq >= 1, "validation.freq", ">= 1")
-        need(v.steps == -1 or v.steps >= 1, "validation.steps", "-1 or >= 1")
-        need(v.local_batch_size == -1 or v.local_batch_size >= 1, "validation.local_batch_size", "-1 or >= 1")
-        for name in ("data_parallel_replicate_degree", "tensor_parallel_degree", "expert_parallel_degree"):
-            need(getattr(p, name) >= 1, f"parallelism.{name}", ">= 1")
-        need(p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
-             "parallelism.data_parallel_shard_degree", "-1 or >= 1")
-        need(bool(ck.folder), "checkpoint.folder", "a non-empty path")
-        need(ck.interval >= 1, "checkpoint.interval", ">= 1")
-        need(ck.keep_latest_k >= 0, "checkpoint.keep_latest_k", ">= 0")
-        need(self.metrics.log_freq >= 1, "metrics.log_freq", ">= 1")
-        for comp in self.compile.components:
-            if comp not in ("model", "loss"):
-                close = cp.closest(comp, ["model", "loss"])
-                hint = f"; did you mean '{close}'?" if close else ""
-                errors.append(f"invalid value {comp!r} in 'compile.components': expected 'model' or 'loss'{hint}")
-        sac = ac.selective_ac_option
-        need(sac == "op" or (sac.isdigit() and int(sac) >= 1), "activation_checkpoint.selective_ac_option", "'op' or a positive integer such as '2'")
-        f8 = self.float8
-        need(not f8.enable_fsdp_float8_all_gather or f8.recipe_name == "tensorwise",
-             "float8.enable_fsdp_float8_all_gather", "false unless float8.recipe_name is 'tensorwise'")
-        for name in ("load_balance_coeff", "z_loss_coeff", "bias_update_rate"):
-            need(getattr(self.moe, name) >= 0, f"moe.{name}", ">= 0")
-        cf = self.moe.capacity_factor
-        need(cf is None or (math.isfinite(cf) and cf >= 0), "moe.capacity_factor", "none, 0 (dropless) or > 0")
-        need(not self.moe.pad_to_capacity or bool(cf), "moe.pad_to_capacity", "false unless moe.capacity_factor > 0")
-        need(not g.enable or bool(g.source_path), "growth.source_path", "set when growth.enable is true")
-        need(not g.enable or bool(g.methods), "growth.methods", "non-empty when growth.enable is true")
-        need(g.noise_std >= 0, "growth.noise_std", ">= 0")
-        need(g.seed >= 0, "growth.seed", ">= 0")
-        need(g.router_init_std >= 0, "growth.router_init_std", ">= 0")
-        need(0 <= g.drop_ratio <= 1, "growth.drop_ratio", "in [0, 1]")
-        need(g.granularity >= 1, "growth.granularity", ">= 1")
-        need(g.audit_steps >= 1 or g.audit_steps == -1, "growth.audit_steps", ">= 1, or -1 (all)")
+        errors = option_errors(self)
         if errors:
             raise UserError("; ".join(errors))
 
@@ -420,12 +345,4 @@ def load_job_config(argv: list[str] | None = None, prog: str | None = None) -> J
     if "-h" in argv or "--help" in argv:
         print_help(prog)
         raise SystemExit(0)
-    overrides = cp.parse_cli(JobConfig, argv)  # parse first: a CLI mistake is reported before file errors
-    cfg = JobConfig()
-    config_file = [v for o, v in overrides if o.key == "job.config_file"]
-    if config_file and config_file[-1] is not None:
-        cp.apply_tables(cfg, cp.load_toml(config_file[-1]), f"in {config_file[-1]}")
-    for opt, value in overrides:
-        setattr(getattr(cfg, opt.section), opt.name, value)
-    cfg.validate()
-    return cfg
+    return cp.load(JobConfig, argv)

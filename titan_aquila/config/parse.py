@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
-import difflib
 import inspect
 import json
 import textwrap
@@ -25,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from titan_aquila.errors import UserError
+from titan_aquila.errors import UserError, closest, did_you_mean
 
 try:
     import tomllib
@@ -147,13 +146,6 @@ def all_options(root_cls: type) -> dict[str, Option]:
 
 
 # ------------------------------------------------------------------------------------------------ messages
-def closest(name: str, candidates: list[str]) -> str | None:
-    """The candidate closest to `name` (difflib, case-insensitive), or None if nothing is close."""
-    lowered = {c.lower(): c for c in candidates}
-    match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
-    return lowered[match[0]] if match else None
-
-
 def unknown_option_message(root_cls: type, key: str, where: str, prefix: str = "") -> str:
     """`unknown option 'training.step' in x.toml; did you mean 'training.steps'?`. The guess is the closest
     key in the same section, else the same key name in another section, else the closest full key."""
@@ -179,9 +171,8 @@ def check_choice(opt: Option, value: Any) -> str | None:
     choices = opt.type.choices
     if choices is None or value in choices or (value is None and opt.type.optional):
         return None
-    close = closest(str(value), list(choices))
-    hint = f"; did you mean '{close}'?" if close is not None else ""
-    return invalid_value_message(opt.key, value, "one of " + ", ".join(map(repr, choices))) + hint
+    return (invalid_value_message(opt.key, value, "one of " + ", ".join(map(repr, choices)))
+            + did_you_mean(str(value), choices))
 
 
 # ------------------------------------------------------------------------------------------------ values
@@ -266,6 +257,20 @@ def apply_tables(cfg: Any, data: dict[str, Any], where: str, strict: bool = True
                     raise UserError(unknown_option_message(root_cls, f"{sec_name}.{name}", where))
                 continue
             setattr(section_obj, name, from_value(opt, value, where))
+
+
+def load(root_cls: type, argv: list[str]) -> Any:
+    """`root_cls()` defaults, then the TOML file of `--job.config_file`, then the other command-line options (a CLI
+    mistake is reported before file errors); `validate()`d."""
+    overrides = parse_cli(root_cls, argv)
+    cfg = root_cls()
+    config_file = [v for o, v in overrides if o.key == "job.config_file"]
+    if config_file and config_file[-1] is not None:
+        apply_tables(cfg, load_toml(config_file[-1]), f"in {config_file[-1]}")
+    for opt, value in overrides:
+        setattr(getattr(cfg, opt.section), opt.name, value)
+    cfg.validate()
+    return cfg
 
 
 def parse_cli(root_cls: type, argv: list[str]) -> list[tuple[Option, Any]]:

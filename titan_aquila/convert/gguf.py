@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from titan_aquila.errors import UserError
+from titan_aquila.logging import logger
 from titan_aquila.models.args import ModelArgs
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,8 +57,8 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str | Path, log=None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(ModelArgs from the GGUF metadata, float32 state dict with our names); `log` gets progress lines."""
+def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(ModelArgs from the GGUF metadata, float32 state dict with our names); logs progress lines."""
     from titan_aquila.convert.progress import Progress
 
     try:
@@ -91,7 +92,7 @@ def read_gguf(path: str | Path, log=None) -> tuple[ModelArgs, dict[str, torch.Te
         max_seq_len=int(_field(reader, p + "context_length", 2048)),
         tie_embeddings="output.weight" not in names, **moe).validate()
     sd: dict[str, torch.Tensor] = {}
-    progress = Progress(f"import-gguf {path.name}", len(reader.tensors), log=log or (lambda *_: None))
+    progress = Progress(f"import-gguf {path.name}", len(reader.tensors))
     for t in reader.tensors:
         progress.step()
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
@@ -117,13 +118,13 @@ def read_gguf(path: str | Path, log=None) -> tuple[ModelArgs, dict[str, torch.Te
     return args, sd
 
 
-def import_gguf(out: str | Path, gguf_path: str | Path | None = None, overwrite: bool = False, log=print) -> Path:
+def import_gguf(out: str | Path, gguf_path: str | Path | None = None, overwrite: bool = False) -> Path:
     """GGUF -> DCP checkpoint OUT/step-0 (float32) with model_args.json."""
     from titan_aquila.checkpoint.storage import check_output_folder, write_model_checkpoint
 
     check_output_folder(Path(out), overwrite)
     src = Path(gguf_path) if gguf_path else default_gguf_path()
-    args, sd = read_gguf(src, log)
+    args, sd = read_gguf(src)
     path = write_model_checkpoint(Path(out), sd, args, {"source": f"gguf:{src.resolve()}"}, overwrite)
-    log(f"imported {src.name} ({sum(t.numel() for t in sd.values()):,} parameters) -> {path}")
+    logger.info(f"imported {src.name} ({sum(t.numel() for t in sd.values()):,} parameters) -> {path}")
     return path

@@ -30,6 +30,7 @@ from titan_aquila.checkpoint.storage import read_checkpoint_args, read_model_sta
 from titan_aquila.convert.card import special_ids
 from titan_aquila.convert.progress import Progress
 from titan_aquila.errors import UserError
+from titan_aquila.logging import logger
 
 GGUF_DTYPES = ("float32", "float16", "bfloat16")
 _LAYER = {"attention_norm.weight": "attn_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
@@ -86,7 +87,7 @@ def _vocab(tok, vocab_size: int):
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
-                tokenizer: str | None = None, log=print) -> Path:
+                tokenizer: str | None = None) -> Path:
     """Checkpoint -> OUT (a .gguf file), written beside it and renamed into place when complete."""
     import gguf
 
@@ -137,7 +138,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "bfloat16", over
             if v is not None:
                 add(int(v[0] if isinstance(v, list) else v))
         w.add_add_bos_token(False)
-        progress = Progress(f"export-gguf {out.name}", len(sd), log=log)
+        progress = Progress(f"export-gguf {out.name}", len(sd))
         qtype = {"float16": gguf.GGMLQuantizationType.F16, "bfloat16": gguf.GGMLQuantizationType.BF16}.get(dtype)
         for name, t in sd.items():
             progress.step()
@@ -168,5 +169,5 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "bfloat16", over
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    log(f"exported {step_dir} as GGUF {arch} ({dtype}, {len(tokens)} tokens) in {progress.elapsed():.1f}s -> {out}")
+    logger.info(f"exported {step_dir} as GGUF {arch} ({dtype}, {len(tokens)} tokens) in {progress.elapsed():.1f}s -> {out}")
     return out

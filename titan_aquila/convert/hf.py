@@ -18,6 +18,7 @@ from titan_aquila.convert.card import generation_config, model_card, special_ids
 from titan_aquila.convert.hf_map import args_from_hf_config, export_arch, hf_config, hf_to_titan, titan_to_hf
 from titan_aquila.convert.progress import Progress
 from titan_aquila.errors import UserError
+from titan_aquila.logging import logger
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,8 +50,7 @@ def _safetensors_index(src: Path) -> dict[str, Path]:
     return out
 
 
-def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False,
-              log=print) -> Path:
+def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """HF Llama / Qwen2 / Mistral (/ Mixtral / Qwen2-MoE) folder -> DCP checkpoint OUT/step-0."""
     from safetensors import safe_open
 
@@ -59,12 +59,12 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     if not src.is_dir():
         raise UserError(f"HF model folder does not exist: {src}")
     cfg = read_json(src / "config.json", f"{src} is not an HF model folder (config.json)")
-    arch, args = args_from_hf_config(cfg, log=log)
-    tok, files = _source_tokenizer(src, args, log)
+    arch, args = args_from_hf_config(cfg)
+    tok, files = _source_tokenizer(src, args)
     where = _safetensors_index(src)
     handles: dict[Path, object] = {}
     shards = sorted(set(where.values()))
-    progress = Progress(f"import-hf {src.name}", len(where), log=log)
+    progress = Progress(f"import-hf {src.name}", len(where))
 
     def get(name: str) -> torch.Tensor:
         p = where[name]
@@ -80,24 +80,24 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
                "stages": [{"kind": "import", "source": source, "model_name": cfg.get("_name_or_path") or src.name,
                            "arch": arch, "parameters": args.num_params()}]}
     path = write_model_checkpoint(Path(out), sd, args, {"source": source, "lineage": lineage}, overwrite, files)
-    log(f"imported {arch} ({args.num_params():,} parameters{', tokenizer ' + tok.path.name if tok else ''}) in "
+    logger.info(f"imported {arch} ({args.num_params():,} parameters{', tokenizer ' + tok.path.name if tok else ''}) in "
         f"{progress.elapsed():.1f}s -> {path}")
     return path
 
 
-def _source_tokenizer(src: Path, args, log):
+def _source_tokenizer(src: Path, args):
     """(Tokenizer, files to copy into the checkpoint) of an HF folder's tokenizer.json, or (None, {}) with a note
     when it has none or one we cannot tokenize with (the weights still import; a run then needs
     model.tokenizer_path). A tokenizer whose ids do not fit the model's vocabulary is an error."""
     from titan_aquila.data.tokenizer import Tokenizer
 
     if not (src / "tokenizer.json").is_file():
-        log(f"note: {src} has no tokenizer.json; training on this checkpoint needs model.tokenizer_path")
+        logger.info(f"note: {src} has no tokenizer.json; training on this checkpoint needs model.tokenizer_path")
         return None, {}
     try:
         tok = Tokenizer(src / "tokenizer.json")
     except UserError as e:
-        log(f"note: tokenizer not copied ({e}); training on this checkpoint needs model.tokenizer_path")
+        logger.info(f"note: tokenizer not copied ({e}); training on this checkpoint needs model.tokenizer_path")
         return None, {}
     check_vocab_fits(tok, args.vocab_size, f"{src / 'config.json'}")
     return tok, tokenizer_files(tok)
@@ -129,8 +129,7 @@ def _place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30,
-                     log=None) -> list[str]:
+def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger."""
     from safetensors.torch import save_file
 
@@ -142,7 +141,7 @@ def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
             cur, size = {}, 0
         cur[name], size = hf[name], size + n
     shards.append(cur)
-    progress = Progress(f"export-hf {folder.name.split('.tmp-')[0]}", len(hf), log=log or (lambda *_: None))
+    progress = Progress(f"export-hf {folder.name.split('.tmp-')[0]}", len(hf))
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
         progress.step(len(hf), "shard 1/1")
@@ -160,7 +159,7 @@ def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
 
 def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype: str = "bfloat16",
               overwrite: bool = False, drop_expert_bias: bool = False, max_shard_bytes: int = 4 << 30,
-              tokenizer: str | None = None, log=print) -> Path:
+              tokenizer: str | None = None) -> Path:
     """Any checkpoint (step-N folder or a folder of them) -> HF folder: config.json (with bos/eos/pad ids),
     generation_config.json, safetensors, the tokenizer files (the checkpoint's, or `tokenizer`) and README.md."""
     step_dir = resolve_checkpoint_dir(ckpt)
@@ -174,12 +173,12 @@ def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype:
     except UserError as e:
         if tokenizer:
             raise
-        log(f"note: {e}; no tokenizer files written")
+        logger.info(f"note: {e}; no tokenizer files written")
         tok = None
     if tok is not None and (tokenizer or checkpoint_tokenizer(step_dir)):
         check_vocab_fits(tok, args.vocab_size, f"checkpoint {step_dir}")
     elif tok is not None and tok.vocab_size > args.vocab_size:  # no tokenizer of its own (e.g. a toy model)
-        log(f"note: {step_dir} names no tokenizer and the shipped one does not fit its vocab_size "
+        logger.info(f"note: {step_dir} names no tokenizer and the shipped one does not fit its vocab_size "
             f"{args.vocab_size}: no tokenizer files written (pass --tokenizer)")
         tok = None
     ids = special_ids(tok, lineage) if tok is not None else dict(lineage.get("hf_ids") or {})
@@ -187,7 +186,7 @@ def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype:
     hf = titan_to_hf(sd, args, arch, drop_expert_bias)
     tmp = _prepare_out(out, overwrite)
     try:
-        files = save_safetensors(hf, tmp, max_shard_bytes, log)
+        files = save_safetensors(hf, tmp, max_shard_bytes)
         write_json(tmp / "config.json", {**hf_config(args, arch, dtype), **ids})
         write_json(tmp / "generation_config.json", generation_config(lineage, ids))
         if tok is not None:
@@ -197,7 +196,7 @@ def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"exported {step_dir} as {arch} ({len(files)} safetensors file(s), {dtype}, tokenizer "
+    logger.info(f"exported {step_dir} as {arch} ({len(files)} safetensors file(s), {dtype}, tokenizer "
         f"{tok.path.name if tok else 'none'}) "
         f"-> {out}")
     return out

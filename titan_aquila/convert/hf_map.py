@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from titan_aquila.errors import UserError
+from titan_aquila.logging import logger
 from titan_aquila.models.args import ModelArgs
 
 ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
@@ -47,7 +48,7 @@ def _rope_theta(cfg: dict) -> float:
     return float(cfg.get("rope_theta", rp.get("rope_theta", 10000.0)))
 
 
-def args_from_hf_config(cfg: dict, log=print) -> tuple[str, ModelArgs]:
+def args_from_hf_config(cfg: dict) -> tuple[str, ModelArgs]:
     """(arch, ModelArgs) for an HF config.json dict; UserError for what our model cannot represent exactly."""
     arch = arch_of(cfg)
     if cfg.get("hidden_act", "silu") != "silu":
@@ -65,7 +66,7 @@ def args_from_hf_config(cfg: dict, log=print) -> tuple[str, ModelArgs]:
     window = cfg.get("sliding_window") if (arch in ("mistral", "mixtral") or cfg.get("use_sliding_window")) else None
     if window and window < kw["max_seq_len"]:
         # Inside the window sliding-window attention is full causal attention: exact up to that length.
-        log(f"note: sliding_window {window} < max_position_embeddings; max_seq_len set to {window}")
+        logger.info(f"note: sliding_window {window} < max_position_embeddings; max_seq_len set to {window}")
         kw["max_seq_len"] = int(window)
     if arch == "mixtral":
         kw.update(n_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"], moe_ffn_dim=cfg["intermediate_size"],

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 
+from titan_aquila.logging import logger
+
 
 class Progress:
-    def __init__(self, what: str, total: int, unit: str = "tensors", log=print, every: float = 10.0):
-        self.what, self.total, self.unit, self.log, self.every = what, total, unit, log, every
+    def __init__(self, what: str, total: int, unit: str = "tensors", every: float = 10.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
         self.done, self.t0 = 0, time.monotonic()
         self.last = self.t0
 
@@ -17,7 +19,7 @@ class Progress:
         now = time.monotonic()
         if self.done >= self.total or now - self.last >= self.every:
             self.last = now
-            self.log(f"{self.what}: {self.done}/{self.total} {self.unit}{', ' + note if note else ''}, "
+            logger.info(f"{self.what}: {self.done}/{self.total} {self.unit}{', ' + note if note else ''}, "
                      f"{now - self.t0:.1f}s")
 
     def elapsed(self) -> float:

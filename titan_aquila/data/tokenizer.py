@@ -33,6 +33,7 @@ import unicodedata
 from pathlib import Path
 
 from titan_aquila.errors import UserError, exit_on_user_error
+from titan_aquila.logging import logger
 
 PAT_STR = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 VOCAB_SIZE = 49152
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         if not src.is_file():
             raise UserError(f"GGUF file not found: {src}")
         n = convert_gguf_vocab(src, args.out)
-        print(f"wrote {n} byte tokens (+{NUM_CONTROL_TOKENS} special) to {args.out}")
+        logger.info(f"wrote {n} byte tokens (+{NUM_CONTROL_TOKENS} special) to {args.out}")
 
 
 if __name__ == "__main__":

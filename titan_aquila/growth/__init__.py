@@ -13,13 +13,12 @@ checkpoint loader builds only the experts a rank holds.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from titan_aquila.errors import UserError
+from titan_aquila.errors import UserError, did_you_mean
 from titan_aquila.growth.lazy import LazyExperts, materialize  # noqa: F401  (re-exported)
-from titan_aquila.models.args import ModelArgs
+from titan_aquila.models.args import RUNTIME_FIELDS, ModelArgs
 
 
 @dataclass
@@ -68,9 +67,8 @@ def register(method: GrowthMethod) -> GrowthMethod:
 def get_method(name: str) -> GrowthMethod:
     _load_builtin_methods()
     if name not in REGISTRY:
-        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known methods: {', '.join(sorted(REGISTRY))}"
-        raise UserError(f"unknown growth method '{name}'{hint}")
+        raise UserError(f"unknown growth method '{name}'"
+                        + did_you_mean(name, REGISTRY, f"; known methods: {', '.join(sorted(REGISTRY))}"))
     return REGISTRY[name]
 
 
@@ -102,17 +100,15 @@ def plan_growth(methods: list[str], src_args: ModelArgs, target_args: ModelArgs,
         target_args = target_args.replace(**{f: getattr(after, f) for f in method.fields
                                              if getattr(after, f) != getattr(target_for_step, f)})
         args = after
-    # Runtime choices, not weights.
-    ignore = {"use_grouped_mm", "max_seq_len", "z_loss_type", "init_std", "capacity_factor", "pad_to_capacity"}
     for f in dataclasses.fields(ModelArgs):
-        if f.name in ignore or f.name in owned:
+        if f.name in RUNTIME_FIELDS or f.name in owned:
             continue
         if getattr(args, f.name) != getattr(target_args, f.name):
             raise UserError(
                 f"source and target differ in '{f.name}' ({getattr(args, f.name)} vs {getattr(target_args, f.name)})"
                 f" but no growth method in {methods} changes it")
     # Fields that are runtime choices follow the target config.
-    args = args.replace(**{k: getattr(target_args, k) for k in ignore})
+    args = args.replace(**{k: getattr(target_args, k) for k in RUNTIME_FIELDS})
     return GrowthPlan(src_args=src_args, dst_args=args, steps=steps)
 
 
@@ -135,8 +131,4 @@ def _load_builtin_methods() -> None:
     import importlib
 
     for mod in ("width", "depth", "upcycle"):
-        try:
-            importlib.import_module(f"titan_aquila.growth.{mod}")
-        except ModuleNotFoundError as e:  # a method module not written yet must not hide the others
-            if e.name != f"titan_aquila.growth.{mod}":
-                raise
+        importlib.import_module(f"titan_aquila.growth.{mod}")

@@ -10,6 +10,8 @@ upcycling differs from its source: the audit then also reports each MoE layer's 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from titan_aquila.checkpoint.storage import read_model_state_dict, resolve_checkpoint_dir
 from titan_aquila.evaluate import _all_reduce
+from titan_aquila.logging import logger
 from titan_aquila.models.aquila import build_model
 from titan_aquila.parallel.dist_utils import world_info
 from titan_aquila.metrics import drop_summary
@@ -51,39 +54,60 @@ def growth_audit(src_model, grown_model, batches, device, max_steps: int = -1, g
             "max_logit_diff": max_diff.item(), "tokens": int(sums[2].item())}
 
 
-def write_audit(folder: str | Path, audit: dict) -> Path:
-    path = Path(folder) / "growth_audit.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(audit, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+@dataclass
+class GrowthAudit:
+    """What the audit found (saved as <dump_folder>/growth_audit.json, with `expert_load`'s keys as strings)."""
+
+    methods: str
+    source_loss: float
+    grown_loss: float
+    max_logit_diff: float
+    tokens: int
+    expert_load: dict[int, list[float]] = field(default_factory=dict)
+    """MoE layer -> each expert's share of the audit tokens' routing slots (empty for a dense model)."""
+    dropped_fraction: dict[int, float] = field(default_factory=dict)
+    """MoE layer -> fraction of its assignments dropped at capacity (only with moe.capacity_factor)."""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for key in ("expert_load", "dropped_fraction"):
+            d[key] = {str(k): v for k, v in getattr(self, key).items()}
+            if not d[key]:
+                del d[key]
+        return d
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / "growth_audit.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
 
 
-def run_growth_audit(cfg, plan, model, val_loader, device, dp_group, log=print) -> dict:
+def run_growth_audit(plan, source_path: str, audit_steps: int, model, val_loader, device, dp_group,
+                     dump_folder: str) -> GrowthAudit:
     """Source vs freshly grown model on the same held-out batches, before any update (logged, and saved to
     <dump_folder>/growth_audit.json): a function-preserving growth shows equal losses and ~0 logit difference."""
+    t0 = time.perf_counter()
+    logger.info(f"growth audit ({plan.describe()}) on {'all' if audit_steps < 0 else audit_steps} validation batches")
     # The source runs with the job's capacity setting too (a dense source has no experts to drop from).
     src = build_model(plan.src_args.replace(capacity_factor=plan.dst_args.capacity_factor,
                                             pad_to_capacity=plan.dst_args.pad_to_capacity), device="cpu")
-    src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(cfg.growth.source_path)), strict=True)
-    audit = {"methods": plan.describe(), **growth_audit(src.to(device), model, val_loader, device,
-                                                        cfg.growth.audit_steps, group=dp_group)}
+    src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(source_path)), strict=True)
+    numbers = growth_audit(src.to(device), model, val_loader, device, audit_steps, group=dp_group)
     # The grown model's expert counts from the audit batches (also resets them before training step 1).
     load = collect_expert_load(model, dp_group)
-    fracs = load_fractions(load)
     drops = drop_fractions(collect_expert_load(model, dp_group, "tokens_dropped"), load)
-    if fracs:
-        audit["expert_load"] = {str(layer): f for layer, f in fracs.items()}
-    if fracs and plan.dst_args.capacity_factor:
-        audit["dropped_fraction"] = {str(layer): f for layer, f in drops.items()}
-    used = [sum(x > 0 for x in f) for f in fracs.values()]
+    audit = GrowthAudit(plan.describe(), **numbers, expert_load=load_fractions(load),
+                        dropped_fraction=drops if load and plan.dst_args.capacity_factor else {})
+    used = [sum(x > 0 for x in f) for f in audit.expert_load.values()]
     capacity = f"  capacity factor {plan.dst_args.capacity_factor}: {drop_summary(drops)}" \
-        if "dropped_fraction" in audit else ""
-    log(f"growth audit ({audit['methods']}): source loss {audit['source_loss']:.4f}  grown loss "
-        f"{audit['grown_loss']:.4f}  max |logit diff| {audit['max_logit_diff']:.3e}"
-        f"{f'  experts used per MoE layer {min(used)}..{max(used)} of {plan.dst_args.n_experts}' if used else ''}"
-        f"{capacity}")
+        if audit.dropped_fraction else ""
+    logger.info(f"growth audit ({audit.methods}): source loss {audit.source_loss:.4f}  grown loss "
+                f"{audit.grown_loss:.4f}  max |logit diff| {audit.max_logit_diff:.3e}"
+                f"{f'  experts used per MoE layer {min(used)}..{max(used)} of {plan.dst_args.n_experts}' if used else ''}"
+                f"{capacity}  ({time.perf_counter() - t0:.2f}s)")
     if world_info()[0] == 0:
-        write_audit(cfg.job.dump_folder, audit)
+        audit.write(dump_folder)
     return audit

@@ -18,9 +18,11 @@ from titan_aquila.checkpoint.storage import (args_diff, check_integrity, check_o
                                              read_model_state_dict, resolve_checkpoint_dir, write_model_checkpoint)
 from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, checkpoint_tokenizer, resolve_tokenizer
 from titan_aquila.checkpoint.weights import load_model_weights
+from titan_aquila.config.validate import job_model_args
 from titan_aquila.errors import UserError
 from titan_aquila.growth import GrowthOptions, apply_growth, materialize, plan_growth
-from titan_aquila.models.args import ModelArgs, build_model_args
+from titan_aquila.logging import logger
+from titan_aquila.models.args import ModelArgs
 
 
 def growth_options(cfg):
@@ -36,15 +38,11 @@ def resolve_growth(cfg, target_args: ModelArgs):
     g = cfg.growth
     if not g.enable:
         return None
-    if not g.source_path:
-        raise UserError("growth.enable is true but growth.source_path is not set")
-    if cfg.checkpoint.initial_load_path:
-        raise UserError("set either checkpoint.initial_load_path or growth.enable (growth.source_path), not both")
     src_args = read_checkpoint_args(g.source_path)
     return plan_growth(list(g.methods), src_args, target_args, growth_options(cfg))
 
 
-def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=None, log=print) -> None:
+def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=None) -> None:
     """Read the source checkpoint (every rank reads the small source in full), grow it, write the local shards."""
     plan = plan if plan is not None else resolve_growth(cfg, model_args)
     diff = args_diff(plan.dst_args, model_args)
@@ -55,7 +53,7 @@ def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=
     src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
     check_integrity(src_dir)
     src_sd = read_model_state_dict(src_dir)
-    log(f"growing {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> "
+    logger.info(f"[growth] growing {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> "
         f"{plan.dst_args.num_params():,} parameters")
     dst_sd = apply_growth(plan, src_sd, growth_options(cfg))
     load_model_weights(model, dst_sd)
@@ -69,13 +67,13 @@ def plan_stage(cfg, plan) -> dict:
             "parameters": [plan.src_args.num_params(), plan.dst_args.num_params()]}
 
 
-def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False, log=print) -> Path:
+def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False) -> Path:
     """Grow cfg.growth.source_path into cfg's target model and write OUT/step-0. Returns the step folder."""
     if not cfg.growth.enable:
         raise UserError("growth.enable is false in this config: set [growth] enable = true, source_path, methods")
     out = Path(out)
     check_output_folder(out, overwrite)  # before any work
-    target = build_model_args(cfg.model.flavor, {**cfg.model.overrides, "z_loss_type": cfg.moe.z_loss_type})
+    target = job_model_args(cfg)
     plan = resolve_growth(cfg, target)
     src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
     check_integrity(src_dir)
@@ -97,6 +95,6 @@ def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False, log=print) ->
             "growth": plan.describe(), "growth_seed": opts.seed, "growth_noise_std": opts.noise_std,
             "lineage": lineage}
     path = write_model_checkpoint(out, dst_sd, plan.dst_args, meta, overwrite, files)
-    log(f"grew {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> {plan.dst_args.num_params():,} "
+    logger.info(f"grew {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> {plan.dst_args.num_params():,} "
         f"parameters in {time.time() - t0:.1f}s -> {path}")
     return path

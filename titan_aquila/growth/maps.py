@@ -1,4 +1,4 @@
-"""Index maps of Scale-Up growth (algorithms.md §1.3, §1.4, §2): which source unit/layer each target one copies.
+"""Index maps of Scale-Up growth: which source unit/layer each target one copies (formulas below).
 
 Width (all "left to right", AquilaMoE §2.2.1; deterministic, so an integer ratio copies every unit exactly k times):
     hidden   g(i) = i mod d                 i < D           multiplicity c_j = |g^-1(j)|
@@ -40,10 +40,6 @@ class UnitMap:
     def inv_mult(self) -> torch.Tensor:
         """1 / multiplicity (0 for padding): what consumers multiply their columns by."""
         return torch.where(self.idx >= 0, 1.0 / self.mult.clamp(min=1), torch.zeros_like(self.mult))
-
-    def is_uniform(self) -> bool:
-        m = self.mult[self.idx >= 0]
-        return bool((m == m[0]).all()) if m.numel() else True
 
     def expand(self, block: int) -> "UnitMap":
         """The same map on blocks of `block` consecutive rows (a head of head_dim rows per head)."""

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from titan_aquila.errors import UserError
+from titan_aquila.errors import UserError, require
 from titan_aquila.growth import GrowthMethod, GrowthOptions, LazyExperts, register
 from titan_aquila.growth.drop_upcycle import (INDEX_SETS, MATRICES, UNIT_AXIS, drop_plan, drop_upcycle_matrix,
                                               generator)
@@ -54,11 +54,7 @@ FIELDS = ("n_experts", "top_k", "moe_layer_step", "moe_ffn_dim", "n_shared_exper
 def plan_upcycle(before: ModelArgs, target: ModelArgs, opts: GrowthOptions) -> ModelArgs:
     """`before` is the dense model (after any Scale-Up step); `target` is it with the MoE fields at their target
     values. Returns the MoE args the trainer must build (route_scale = G for G > 1)."""
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise UserError(msg)
-
+    need = require
     need(not before.is_moe, f"upcycling a checkpoint that is already MoE: the source has {before.n_experts} experts "
          f"in layers {before.moe_layer_ids}; 'upcycle' turns a dense model into a MoE (drop it from growth.methods)")
     E, k, G, r = target.n_experts, target.top_k, opts.granularity, opts.drop_ratio

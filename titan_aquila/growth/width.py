@@ -1,6 +1,6 @@
 """Scale-Up width growth: `fpi`, `aki`, `exact` (fields dim, n_heads, ffn_dim; n_kv_heads and head_dim stay fixed).
 
-Notation (algorithms.md §1.3): d -> D hidden, H -> H' query heads in G fixed KV groups (r = H/G, r' = H'/G),
+Notation: d -> D hidden, H -> H' query heads in G fixed KV groups (r = H/G, r' = H'/G),
 F -> F' FFN units, head_dim fixed. Maps (maps.py): g(i) = i mod d, h(f) = f mod F, pi(t) = (t//r')*r + (t mod r') mod r,
 with multiplicities c_j, e_j, m_s. The residual stream becomes x' = x o g (a replicated copy of x).
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan_aquila.models.args import ModelArgs
+from titan_aquila.models.feed_forward import FeedForward
 from titan_aquila.models.moe import MoE
 
 
@@ -88,41 +89,25 @@ class Attention(nn.Module):
         nn.init.normal_(self.wo.weight, std=out_std)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: y = W2 (silu(W1 x) * W3 x), W1 = gate_proj, W3 = up_proj, W2 = down_proj."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-    def reset_parameters(self, init_std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1.weight, std=init_std)
-        nn.init.normal_(self.w3.weight, std=init_std)
-        nn.init.normal_(self.w2.weight, std=out_std)
-
-
 class TransformerBlock(nn.Module):
-    """Pre-norm block; `forward` returns the new residual and this layer's [load_balance, z] aux losses."""
+    """Pre-norm block; `forward` returns the new residual and this layer's [load_balance, z] aux losses.
+    Its feed-forward is `self.moe` when `moe_enabled`, else `self.feed_forward` (the state-dict names differ)."""
 
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
+        self.moe_enabled = args.is_moe_layer(layer_id)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        if args.is_moe_layer(layer_id):
+        if self.moe_enabled:
             self.moe = MoE(args)
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = x + self.attention(self.attention_norm(x), cos, sin)
-        if hasattr(self, "moe"):
+        if self.moe_enabled:
             y, aux = self.moe(self.ffn_norm(h))
         else:
             y, aux = self.feed_forward(self.ffn_norm(h)), h.new_zeros(2, dtype=torch.float32)
@@ -156,7 +141,7 @@ class Transformer(nn.Module):
             block.attention_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
             block.attention.reset_parameters(a.init_std, out_std)
-            ffn = block.moe if hasattr(block, "moe") else block.feed_forward
+            ffn = block.moe if block.moe_enabled else block.feed_forward
             ffn.reset_parameters(a.init_std, out_std)
         self.norm.reset_parameters()
         if hasattr(self, "output"):
@@ -170,9 +155,6 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-
-    def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
 
     def forward(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = tokens_BT.shape[1]

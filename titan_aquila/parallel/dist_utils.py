@@ -1,7 +1,7 @@
 """Process-group start-up and the gloo-safe exit.
 
 gloo can abort at interpreter shutdown (`terminate called without an active exception`) when a worker thread
-frees tensors late (open upstream bug; cpu-facts trap 1). Every distributed entry point therefore ends with
+frees tensors late (an open upstream bug, seen with torch 2.13 on CPU). Every distributed entry point therefore ends with
 `finish(code)`: barrier, destroy the group, flush, and `os._exit` before the interpreter tears anything down.
 """
 
@@ -20,7 +20,7 @@ def world_info() -> tuple[int, int, int]:
 
 def set_per_rank_inductor_cache() -> None:
     """Give each rank its own inductor cache: `$TORCHINDUCTOR_CACHE_DIR/rank<RANK>` (default base
-    `$TMPDIR/torchinductor_<uid>_titan_aquila`). cpu-facts trap 2: compiled TP kernels hold rank-specific offsets
+    `$TMPDIR/torchinductor_<uid>_titan_aquila`). Why: compiled TP kernels hold rank-specific offsets
     but the cache key has no rank, so a shared cache gives silently wrong losses. Must run before torch is
     imported (train.py calls it first); a no-op for a single process or when already applied."""
     rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
@@ -47,26 +47,6 @@ def init_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
     return device
-
-
-def seed_all(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) with the same value on every rank, so that every rank builds the
-    same full model before parallelize shards it. Data order is seeded by the data loader with its dp rank."""
-    import random
-
-    import torch
-
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def finish(code: int = 0) -> None:

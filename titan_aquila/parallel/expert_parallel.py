@@ -15,7 +15,7 @@ skipped: each rank sends and receives (E/ep)·C rows per peer, and the local exp
 on [E/ep, ep·C, D].
 
 Both row all-to-alls are `all_to_all_single` with uneven (possibly zero) splits (list-form all_to_all fails on gloo,
-cpu-facts trap 5); the autograd version sends gradients back the same way. The router, the aux losses and
+it raises on gloo with torch 2.13); the autograd version sends gradients back the same way. The router, the aux losses and
 `tokens_per_expert` run on each rank's own tokens before dispatch, so the counts stay per expert [E] on every rank
 and the trainer's all-reduce over "dp" gives the global load.
 
@@ -33,17 +33,9 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from titan_aquila.errors import UserError
-from titan_aquila.metrics import rank0_print
+from titan_aquila.logging import logger
 from titan_aquila.models.capacity import padded_expert_swiglu
 from titan_aquila.models.moe import expert_swiglu, grouped_mm_supported
-
-
-def validate_ep(args, ep: int) -> None:
-    if args.n_experts == 0:
-        raise UserError("expert_parallel_degree > 1 needs an MoE model (model.n_experts > 0)")
-    if args.n_experts % ep:
-        raise UserError(f"expert_parallel_degree {ep} does not divide model.n_experts ({args.n_experts})")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -108,19 +100,16 @@ class ExpertParallelExperts(nn.Module):
         return all_to_all_single_autograd(y, splits, splits, self.group)
 
 
-def apply_ep(model: nn.Module, dims) -> None:
-    """Replace every MoE layer's experts with `ExpertParallelExperts` over `dims.ep_mesh["ep"]`."""
-    validate_ep(model.args, dims.ep)
-    ep_mesh = dims.ep_mesh["ep"]
-    n = 0
+def apply_ep(model: nn.Module, ep_mesh) -> None:
+    """Replace every MoE layer's experts with `ExpertParallelExperts` over the 1-D `ep_mesh` (its size divides
+    n_experts: checked by titan_aquila/config/validate.py)."""
+    ep, n = ep_mesh.size(), 0
     for block in model.layers.values():
-        moe = getattr(block, "moe", None)
-        if moe is not None:
-            moe.experts = ExpertParallelExperts(moe.experts, ep_mesh)
+        if block.moe_enabled:
+            block.moe.experts = ExpertParallelExperts(block.moe.experts, ep_mesh)
             n += 1
-    rank0_print(f"[parallelize] expert parallel over {dims.ep} ranks in {n} MoE layers: "
-                f"{model.args.n_experts // dims.ep} of {model.args.n_experts} experts per rank, all-to-all dispatch; "
-                f"expert weights FSDP over {dims.dp_shard_mod_ep} x {dims.dp_replicate} replicate ranks")
+    logger.info(f"[parallelize] expert parallel over {ep} ranks in {n} MoE layers: {model.args.n_experts // ep} of "
+                f"{model.args.n_experts} experts per rank, all-to-all dispatch")
 
 
 def expert_modules(model: nn.Module) -> list[nn.Module]:

@@ -43,10 +43,8 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, p, world_size: int) -> "ParallelDims":
-        """From `cfg.parallelism`; data_parallel_shard_degree -1 takes the ranks the other degrees leave."""
-        for name in ("data_parallel_replicate_degree", "tensor_parallel_degree", "expert_parallel_degree"):
-            if getattr(p, name) < 1:
-                raise UserError(f"parallelism.{name} must be >= 1, got {getattr(p, name)}")
+        """From `cfg.parallelism` (its ranges checked by JobConfig.validate); data_parallel_shard_degree -1 takes
+        the ranks the other degrees leave."""
         dp_shard = p.data_parallel_shard_degree
         rest = p.data_parallel_replicate_degree * p.tensor_parallel_degree
         if dp_shard == -1:
@@ -55,8 +53,6 @@ class ParallelDims:
                                 f"{p.data_parallel_replicate_degree} x tensor_parallel_degree "
                                 f"{p.tensor_parallel_degree} = {rest}")
             dp_shard = world_size // rest
-        elif dp_shard < 1:
-            raise UserError(f"parallelism.data_parallel_shard_degree must be >= 1 or -1, got {dp_shard}")
         return cls(p.data_parallel_replicate_degree, dp_shard, p.tensor_parallel_degree, p.expert_parallel_degree,
                    world_size)
 
@@ -123,8 +119,8 @@ class ParallelDims:
 
     @property
     def expert_fsdp_mesh(self):
-        """Mesh the expert weights are FSDP2-sharded over under EP; None when no rank is left for that."""
-        if self.dp_shard_mod_ep == 1 and not self.hsdp_enabled:
+        """Mesh the expert weights are FSDP2-sharded over under EP; None without EP or when no rank is left."""
+        if not self.ep_enabled or (self.dp_shard_mod_ep == 1 and not self.hsdp_enabled):
             return None
         m = self.ep_mesh
         return m["dp_replicate", "dp_shard_mod_ep"] if self.hsdp_enabled else m["dp_shard_mod_ep"]

@@ -23,25 +23,13 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-from titan_aquila.errors import UserError
-from titan_aquila.metrics import rank0_print
+from titan_aquila.logging import logger
 
 
-def validate_tp(args, tp: int, seq_len: int, sequence_parallel: bool) -> None:
-    for name, value in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("ffn_dim", args.ffn_dim)):
-        if value % tp:
-            raise UserError(f"tensor_parallel_degree {tp} does not divide model.{name} ({value})")
-    if sequence_parallel and seq_len % tp:
-        raise UserError(f"tensor_parallel_degree {tp} does not divide training.seq_len ({seq_len}) "
-                        f"(sequence parallelism splits the sequence)")
-
-
-def apply_tp(model: nn.Module, tp_mesh, cfg) -> None:
-    args, tp = model.args, tp_mesh.size()
-    sp = cfg.parallelism.enable_sequence_parallel
-    if cfg.parallelism.enable_loss_parallel:
-        raise UserError("parallelism.enable_loss_parallel is not supported: logits are gathered before the loss")
-    validate_tp(args, tp, cfg.training.seq_len, sp)
+def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    """The plan of the module docstring over `tp_mesh` (heads, KV heads and ffn_dim divisible by its size, and
+    seq_len too with `sequence_parallel`: checked by titan_aquila/config/validate.py)."""
+    args, tp, sp = model.args, tp_mesh.size(), sequence_parallel
     seq = Shard(1) if sp else Replicate()
 
     if not args.tie_embeddings:
@@ -73,7 +61,7 @@ def apply_tp(model: nn.Module, tp_mesh, cfg) -> None:
         if sp:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
-        if hasattr(block, "moe"):
+        if block.moe_enabled:
             plan["moe"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
                                              use_local_output=True)
             if sp:
@@ -88,7 +76,7 @@ def apply_tp(model: nn.Module, tp_mesh, cfg) -> None:
                 "feed_forward.w2": RowwiseParallel(output_layouts=seq),
             })
         parallelize_module(block, tp_mesh, plan)
-    rank0_print(f"[parallelize] tensor parallel over {tp} ranks"
+    logger.info(f"[parallelize] tensor parallel over {tp} ranks"
                 f"{' with sequence parallelism' if sp else ''}; heads {args.n_heads}/{tp}, kv heads "
                 f"{args.n_kv_heads}/{tp}, ffn {args.ffn_dim}/{tp}"
                 f"{'; tied embedding table replicated' if args.tie_embeddings else ''}")

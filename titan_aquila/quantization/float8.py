@@ -4,7 +4,7 @@ Each converted Linear computes y = (s_x^-1 q(s_x x)) (s_w^-1 q(s_w W))^T with q 
 s = 448 / amax, per tensor ('tensorwise') or per row ('rowwise'); the backward matmuls cast the output gradient the
 same way. On SM89+ GPUs the matmuls run in float8 (`torch._scaled_mm`). Everywhere else `emulate=True` is forced:
 the same scaling and rounding, the matmul in high precision, because CPU `_scaled_mm` is a reference kernel at
-~0.03 GFLOP/s (cpu-facts trap 6). Stacked MoE experts ([E, ...] parameters, not Linear) stay in high precision:
+~0.03 GFLOP/s (measured with torch 2.13). Stacked MoE experts ([E, ...] parameters, not Linear) stay in high precision:
 torchao's float8 grouped GEMM needs CUDA + triton.
 
 Which Linear layers convert (decision): every one except
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from titan_aquila.errors import UserError
-from titan_aquila.metrics import rank0_print
+from titan_aquila.logging import logger
 
 ALWAYS_HIGH_PRECISION = ("shared_expert_gate",)
 
@@ -35,14 +35,6 @@ def _torchao():
         raise UserError(f"float8.enable needs torchao ({e}); install it with pip install 'titan_aquila[float8]' "
                         f"or pip install torchao") from None
     return Float8LinearConfig, convert_to_float8_training
-
-
-def validate_float8(f) -> None:
-    if f.recipe_name not in ("tensorwise", "rowwise"):
-        raise UserError(f"float8.recipe_name must be 'tensorwise' or 'rowwise', got {f.recipe_name!r}")
-    if f.enable_fsdp_float8_all_gather and f.recipe_name != "tensorwise":
-        raise UserError("float8.enable_fsdp_float8_all_gather needs float8.recipe_name = 'tensorwise'")
-    _torchao()
 
 
 def float8_plan(model: nn.Module, filter_fqns) -> tuple[list[str], list[str]]:
@@ -69,9 +61,8 @@ def float8_emulated(f) -> bool:
     return f.emulate or not real
 
 
-def apply_float8(model: nn.Module, cfg) -> None:
-    f = cfg.float8
-    validate_float8(f)
+def apply_float8(model: nn.Module, f) -> None:
+    """Convert the Linear layers `float8_plan` picks, with the `[float8]` section `f`'s recipe."""
     Float8LinearConfig, convert_to_float8_training = _torchao()
     convert, keep = float8_plan(model, f.filter_fqns)
     emulate = float8_emulated(f)
@@ -80,6 +71,6 @@ def apply_float8(model: nn.Module, cfg) -> None:
     chosen = set(convert)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in chosen or
                                not isinstance(m, nn.Linear))
-    rank0_print(f"[parallelize] float8 {f.recipe_name}{' (emulated)' if emulate else ''}"
+    logger.info(f"[parallelize] float8 {f.recipe_name}{' (emulated)' if emulate else ''}"
                 f"{' with float8 FSDP all-gather' if f.enable_fsdp_float8_all_gather else ''}: {len(convert)} Linear "
                 f"layers converted; kept in high precision: {', '.join(keep) or 'none'}")
