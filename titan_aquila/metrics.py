@@ -180,9 +180,9 @@ class MetricsLogger:
         """The validation loss, and (MoE) each layer's expert shares of the validation tokens' routing slots under
         `validation_metrics/moe_load/...`: the same held-out batches every time, so these show the router itself
         moving (step 0 is the growth audit's value, before any update)."""
-        took = f" in {seconds:.2f}s" if seconds is not None else ""
+        took = f"  in {seconds:.2f}s" if seconds is not None else ""
         drops = f"  {drop_summary(drop_fracs)}" if drop_fracs else ""
-        logger.info(f"step {step:5d}  validation loss {loss:.4f}  ({n_tokens:,} tokens){took}{drops}")
+        logger.info(f"step {step:5d}  validation loss {loss:.4f}  ({n_tokens:,} tokens){drops}{took}")
         self.write(step, {"validation_metrics/loss": loss})
         self.write_expert_load(step, "validation_metrics/moe_load", expert_fracs or {}, drop_fracs)
 

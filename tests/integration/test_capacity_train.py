@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from _util import TINY, run_train, tiny_config
+from _util import TINY, read_tensorboard, run_train, tensorboard_runs, tiny_config
 
 E, K = 4, 2
 
@@ -48,18 +48,16 @@ def test_upcycled_model_with_capacity_one_audit_and_logging(tmp_path):
     assert [int(s[0]) for s in steps] == [1, 2, 3]
     assert re.search(r"^step\s+3\s+validation loss [\d.]+ +\([\d,]+ tokens\)  dropped [\d.]+%", out, re.M)
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tmp_path / "moe" / "tb"))
-    acc.Reload()
+    (tb_run,) = tensorboard_runs(tmp_path / "moe" / "tb")
+    acc = read_tensorboard(tb_run)
     for layer in (0, 1):
-        train = acc.Scalars(f"moe/layer{layer}/dropped_frac")
+        train = acc.Scalars(f"moe_load/layer{layer}/dropped_frac")
         assert [s.step for s in train] == [1, 2, 3] and all(0 < s.value < 1 for s in train)
-        val = acc.Scalars(f"validation/moe/layer{layer}/dropped_frac")
+        val = acc.Scalars(f"validation_metrics/moe_load/layer{layer}/dropped_frac")
         assert [s.step for s in val] == [0, 3]
         assert val[0].value == pytest.approx(drops[layer], abs=1e-6)  # step 0 is the audit
     for s, mean_pct, max_pct, layer in steps:  # the console line is the TensorBoard values' mean and max
-        vals = [acc.Scalars(f"moe/layer{i}/dropped_frac")[int(s) - 1].value for i in (0, 1)]
+        vals = [acc.Scalars(f"moe_load/layer{i}/dropped_frac")[int(s) - 1].value for i in (0, 1)]
         assert float(mean_pct) == pytest.approx(100 * sum(vals) / 2, abs=0.006)
         assert float(max_pct) == pytest.approx(100 * max(vals), abs=0.006) and vals[int(layer)] == max(vals)
 

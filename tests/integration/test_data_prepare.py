@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _util import ROOT, losses, run_script, run_train, tiny_config
+from _util import ROOT, losses, read_tensorboard, run_script, run_train, tensorboard_runs, tiny_config
 
 from titan_aquila.data.prepare import prepare
 from titan_aquila.data.tokenizer import DEFAULT_TOKENIZER
@@ -78,13 +78,13 @@ def test_mixture_resumes_bit_exactly_after_sigkill(tmp_path, prepared):
     assert {int(s): (a, b) for s, a, _, b in TOKENS_LINE.findall(run.out)} == \
         {s: v for s, v in ref_tokens.items() if s > 6}  # token counts continue, not restart
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(tmp_path / "ref" / "tb")).Reload()
+    (tb_run,) = tensorboard_runs(tmp_path / "ref" / "tb")
+    ea = read_tensorboard(tb_run)
     tags = set(ea.Tags()["scalars"])
-    assert {"validation/en/loss", "validation/zh/loss", "validation/loss", "data/tokens/en", "data/share/zh"} <= tags
-    val = {k: ea.Scalars(f"validation/{k}/loss")[-1].value for k in ("en", "zh")}
-    mean = ea.Scalars("validation/loss")[-1].value
+    assert {"validation_metrics/en/loss", "validation_metrics/zh/loss", "validation_metrics/loss", "data/tokens/en",
+            "data/share/zh"} <= tags
+    val = {k: ea.Scalars(f"validation_metrics/{k}/loss")[-1].value for k in ("en", "zh")}
+    mean = ea.Scalars("validation_metrics/loss")[-1].value
     assert mean == pytest.approx(0.7 * val["en"] + 0.3 * val["zh"], rel=1e-6) and val["en"] != val["zh"]
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -49,7 +48,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from titan_aquila.data.sources import walk_files
 from titan_aquila.errors import UserError
+from titan_aquila.logging import logger
 
 # torchdata 0.11 calls a deprecated torch API on every iterator; the warning says nothing to our users.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -79,19 +80,7 @@ def find_text_files(paths: list[str] | str) -> list[Path]:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise UserError("no data path given")
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise UserError(f"data folder {p} has no .txt or .jsonl files")
-            files.extend(found)
-        else:
-            raise UserError(f"data path not found: {p}")
-    return files
+    return walk_files(paths, lambda f: f.suffix in TEXT_SUFFIXES, "data", ".txt or .jsonl")
 
 
 def read_documents(files: list[Path]) -> list[str]:
@@ -156,16 +145,15 @@ class _Progress:
     def __init__(self, total_chars: int, every: float = 10.0):
         self.total, self.done, self.every = total_chars, 0, every
         self.t0 = self.last = time.perf_counter()
-        self.show = os.environ.get("RANK", "0") == "0"
 
     def update(self, chars: int) -> None:
         now = time.perf_counter()
-        if self.show and now - self.last >= self.every:
+        if now - self.last >= self.every:
             self.last = now
             rate = self.done / 1e6 / (now - self.t0)
-            print(f"tokenize: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} M characters "
-                  f"({100 * self.done / max(self.total, 1):.0f}%), {rate:.2f} M/s; a corpus prepared once "
-                  f"(python -m titan_aquila.data prepare) starts without this", flush=True)
+            logger.info(f"tokenize: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} M characters "
+                        f"({100 * self.done / max(self.total, 1):.0f}%), {rate:.2f} M/s; a corpus prepared once "
+                        f"(python -m titan_aquila.data prepare) starts without this")
         self.done += chars
 
 

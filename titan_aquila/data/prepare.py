@@ -34,6 +34,7 @@ import numpy as np
 
 from titan_aquila.data.prepared import FORMAT, INDEX_NAME, is_prepared
 from titan_aquila.data.progress import Progress
+from titan_aquila.data.sources import walk_files
 from titan_aquila.errors import UserError
 
 KINDS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".txt": "txt", ".parquet": "parquet"}
@@ -53,20 +54,10 @@ def find_corpus_files(paths: list[str | Path]) -> list[Path]:
     """The input files in document order (see the module docstring); a bad path is a UserError."""
     if not paths:
         raise UserError("no input path given")
-    files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_file():
-            if file_kind(p) is None:
-                raise UserError(f"{p}: unsupported input (expected {', '.join(KINDS)})")
-            files.append(p)
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if file_kind(f) and f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise UserError(f"input folder {p} has no {', '.join(KINDS)} files")
-            files.extend(found)
-        else:
-            raise UserError(f"input path not found: {p}")
+        if p.is_file() and file_kind(p) is None:
+            raise UserError(f"{p}: unsupported input (expected {', '.join(KINDS)})")
+    files = walk_files(paths, file_kind, "input", ", ".join(KINDS))
     if any(file_kind(f) == "parquet" for f in files):
         try:
             import pyarrow.parquet  # noqa: F401

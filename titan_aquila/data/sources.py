@@ -1,6 +1,7 @@
-"""`training.datasets`: the sources of a training mixture, read from the config without importing torch.
+"""`training.datasets`: the sources of a training mixture, read from the config without importing torch; and
+`walk_files`, how a list of files and folders becomes the input files (raw text and `prepare` inputs alike).
 
-    [training.datasets.en]            # NAME: used in logs and TensorBoard (data/tokens/NAME, validation/NAME/loss)
+    [training.datasets.en]            # NAME: used in logs and TensorBoard (data/tokens/NAME, validation_metrics/NAME/loss)
     path = "prepared/en"              # a prepared folder (python -m titan_aquila.data prepare)
     weight = 0.7                      # share of training sequences, normalised: p_i = weight_i / sum(weights)
     validation_path = "prepared/en_val"   # optional: a prepared folder validated on its own
@@ -11,6 +12,9 @@ Sources are ordered by NAME (TOML tables have no order a user can rely on), whic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from titan_aquila.errors import UserError
 
 KEYS = {"path", "weight", "validation_path"}
 
@@ -51,3 +55,22 @@ def parse_sources(datasets: dict) -> list[Source]:
     total = sum(float(t["weight"]) for t in datasets.values())
     return [Source(name, t["path"], float(t["weight"]) / total, t.get("validation_path", ""))
             for name, t in sorted(datasets.items())]
+
+
+def walk_files(paths, accept, what: str, kinds: str) -> list[Path]:
+    """Files named directly, plus every file under named folders that `accept(path)` keeps (recursive, hidden
+    parts skipped, sorted for determinism). `what` names the paths in errors ("data", "input"), `kinds` the files
+    a folder must hold."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if accept(f) and f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UserError(f"{what} folder {p} has no {kinds} files")
+            files.extend(found)
+        else:
+            raise UserError(f"{what} path not found: {p}")
+    return files
