@@ -37,13 +37,10 @@ def variants(factors: list[float]) -> list[tuple[str, float | None, bool]]:
 
 
 def compile_like_trainer(model) -> None:
-    from titan_aquila.config.job_config import JobConfig
-    from titan_aquila.parallel.parallel_dims import ParallelDims
+    from titan_aquila.config.job_config import Compile
     from titan_aquila.parallel.parallelize import apply_compile
 
-    cfg = JobConfig()
-    cfg.compile.enable = True
-    apply_compile(model, cfg, ParallelDims.from_config(cfg.parallelism, 1))
+    apply_compile(model, Compile(enable=True))  # one process, fp32: as train.py compiles
 
 
 def moe_layers(model) -> list:

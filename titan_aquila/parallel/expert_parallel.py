@@ -14,8 +14,8 @@ does) every (source rank, expert) block holds exactly C rows, so the counts exch
 skipped: each rank sends and receives (E/ep)·C rows per peer, and the local experts run as one batched GEMM per weight
 on [E/ep, ep·C, D].
 
-Both row all-to-alls are `all_to_all_single` with uneven (possibly zero) splits (list-form all_to_all fails on gloo,
-it raises on gloo with torch 2.13); the autograd version sends gradients back the same way. The router, the aux losses and
+Both row all-to-alls are `all_to_all_single` with uneven (possibly zero) splits (list-form all_to_all
+raises on gloo with torch 2.13); the autograd version sends gradients back the same way. The router, the aux losses and
 `tokens_per_expert` run on each rank's own tokens before dispatch, so the counts stay per expert [E] on every rank
 and the trainer's all-reduce over "dp" gives the global load.
 
