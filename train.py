@@ -69,14 +69,15 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     from titan_aquila.evaluate import validation_loss
     from titan_aquila.growth.audit import run_growth_audit
     from titan_aquila.growth.loader import plan_stage
+    from titan_aquila.losses import FusedOutputLoss, fused_loss_plan
     from titan_aquila.metrics import MetricsLogger, device_peak_flops
     from titan_aquila.models.aquila import build_model
     from titan_aquila.optim import build_lr_scheduler, build_optimizer
     from titan_aquila.parallel.dist_utils import init_distributed
     from titan_aquila.parallel.parallelize import parallelize_model
     from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, resolve_tokenizer, start_checkpoint
-    from titan_aquila.train_utils import (collect_expert_load, drop_fractions, full_grad_norm, load_fractions,
-                                          reduce_mean, training_loss, update_expert_bias)
+    from titan_aquila.train_utils import (collect_expert_load, combine_loss, drop_fractions, full_grad_norm,
+                                          load_fractions, reduce_mean, training_loss, update_expert_bias)
 
     t, v, m = cfg.training, cfg.validation, cfg.moe
     if cfg.job.print_config:
@@ -139,9 +140,13 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
 
     # compile.components 'loss': the CE (+ aux) objective as one graph (fuses the fp32 upcast of the large logits).
     loss_fn = training_loss
-    if cfg.compile.enable and "loss" in cfg.compile.components:
+    fused, fused_msg = fused_loss_plan(cfg, model, dims.tp_enabled)
+    log(fused_msg)
+    if cfg.compile.enable and "loss" in cfg.compile.components and not fused:
         loss_fn = torch.compile(training_loss, backend=cfg.compile.backend)
         log(f"[parallelize] torch.compile ({cfg.compile.backend}) of the training loss")
+    elif cfg.compile.enable and "loss" in cfg.compile.components:
+        log("[parallelize] compile.components 'loss' unused: the fused loss runs eagerly (GEMMs chunk by chunk)")
 
     def drops(load):  # capacity-factor routing: each MoE layer's dropped share of `load` (and reset the counters)
         return drop_fractions(collect_expert_load(model, dp_group, "tokens_dropped"), load) if args.capacity_factor \
@@ -158,9 +163,15 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
             parts = torch.zeros(3, device=device)  # [ce, load balance, z], means over this rank's micro-batches
             for _ in range(accum):
                 inputs, labels = (x.to(device) for x in next(data_iter))
-                with autocast():
-                    logits, aux = model(inputs)
-                loss, detached = loss_fn(logits, labels, aux, m)
+                if fused:  # CE and output z come out of the model's forward; no [tokens, vocab] logits
+                    with autocast():
+                        (ce, z_out), aux = model(inputs, head=FusedOutputLoss(
+                            labels, t.loss_chunk_size, m.z_loss_type == "output_max"))
+                    loss, detached = combine_loss(ce, z_out, aux, m)
+                else:
+                    with autocast():
+                        logits, aux = model(inputs)
+                    loss, detached = loss_fn(logits, labels, aux, m)
                 (loss / accum).backward()  # + FSDP2's mean over dp ranks = the gradient of the global-batch mean
                 parts += detached / accum
             grad_norm = full_grad_norm(model, t.max_norm)  # global norm before clipping, over every mesh

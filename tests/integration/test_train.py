@@ -188,3 +188,23 @@ def test_expert_bias_update_follows_the_sign_of_the_load_gap():
     assert moe.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
     update_expert_bias(model, {0: torch.tensor([5.0, 5.0, 5.0, 5.0])}, 0.5)  # balanced: no change
     assert moe.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+
+
+def test_fused_linear_cross_entropy_equals_the_plain_path_single_and_fsdp(tmp_path):
+    """Same run with the plain logits + loss, the fused chunked loss (chunk 24 does not divide the 64 tokens of a
+    micro-batch), and the fused loss on 2 FSDP2 ranks; 'output_max' z-loss on, so its gradient is exercised too."""
+    kw = dict(training={"local_batch_size": 2, "steps": 4}, moe={"z_loss_type": "output_max", "z_loss_coeff": 1e-2})
+    ref = run_train(tiny_config(tmp_path, name="plain", **kw), "--training.fused_linear_cross_entropy=false")
+    assert ref.rc == 0, ref.err
+    assert "plain output layer + cross-entropy" in ref.out
+    fused = run_train(tiny_config(tmp_path, name="fused", **kw), "--training.loss_chunk_size", "24")
+    assert fused.rc == 0, fused.err
+    assert "fused chunked linear + cross-entropy, 24 tokens per chunk" in fused.out
+    fsdp = run_train(tiny_config(tmp_path, name="fsdp", training={"local_batch_size": 1, "steps": 4},
+                                 moe=kw["moe"]), "--training.loss_chunk_size", "24", nproc=2)
+    assert fsdp.rc == 0, fsdp.err
+    assert "FSDP2 over 2 ranks" in fsdp.out
+    assert sorted(ref.losses) == [1, 2, 3, 4]
+    for step, want in ref.losses.items():
+        assert fused.losses[step] == pytest.approx(want, abs=2e-5), (step, fused.losses, ref.losses)
+        assert fsdp.losses[step] == pytest.approx(want, abs=2e-5), (step, fsdp.losses, ref.losses)

@@ -84,6 +84,12 @@ class Training:
     """dtype of FSDP2's gradient reduce-scatter (MixedPrecisionPolicy.reduce_dtype)."""
     autocast_dtype: Literal["", "bfloat16"] = ""
     """torch.autocast dtype for forward and loss where FSDP mixed precision does not apply; empty = off."""
+    fused_linear_cross_entropy: bool = True
+    """Compute the output projection and cross-entropy (and the 'output_max' z-loss) chunk by chunk of tokens, never
+    holding the [tokens, vocab] logits (exact to rounding); false = plain logits then loss. Tensor parallelism and a
+    float8 output layer use the plain path."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the fused output + cross-entropy (its extra memory is about chunk x vocab x 8 bytes)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """When the loss or gradient norm is NaN/Inf: 'stop' the job with an error, or 'skip' the optimizer step."""
     num_workers: int = 0
@@ -358,6 +364,7 @@ class JobConfig:
         need(t.seed >= 0, "training.seed", ">= 0")
         need(t.num_workers >= 0, "training.num_workers", ">= 0")
         errors += mixture_errors(t.datasets, t.dataset_path)
+        need(t.loss_chunk_size >= 1, "training.loss_chunk_size", ">= 1")
         need(o.lr >= 0 and math.isfinite(o.lr), "optimizer.lr", "finite and >= 0")
         need(o.eps > 0, "optimizer.eps", "> 0")
         need(0 <= o.beta1 < 1, "optimizer.beta1", "in [0, 1)")
