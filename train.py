@@ -127,7 +127,11 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
         audit = run_growth_audit(cfg, plan, model, val_loader, device, dp_group, log=log)
 
     autocast_dtype = {"": None, "bfloat16": torch.bfloat16}[t.autocast_dtype]
-    peak, peak_desc = device_peak_flops(device, autocast_dtype or torch.float32)
+    if autocast_dtype is None and t.mixed_precision_param == "bfloat16" and not dims.fsdp_enabled:
+        autocast_dtype = torch.bfloat16  # as torchtitan: without FSDP, mixed_precision_param means autocast
+        log("training.mixed_precision_param bfloat16 without FSDP: bf16 autocast, fp32 parameters")
+    bf16 = autocast_dtype is not None or (dims.fsdp_enabled and t.mixed_precision_param == "bfloat16")
+    peak, peak_desc = device_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_desc}); gradient accumulation {accum}; global batch "
         f"{t.local_batch_size * dp_degree * accum} x {t.seq_len} = {tokens_per_step:,} tokens; steps {start + 1}.."
         f"{t.steps}")

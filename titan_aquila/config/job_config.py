@@ -79,7 +79,8 @@ class Training:
     folder), weight (> 0; the share of training sequences, normalised over the sources) and optionally
     validation_path (a prepared folder: one validation loss per source)."""
     mixed_precision_param: Literal["float32", "bfloat16"] = "float32"
-    """dtype FSDP2 casts parameters to for compute (MixedPrecisionPolicy.param_dtype)."""
+    """dtype FSDP2 casts parameters to for compute (MixedPrecisionPolicy.param_dtype); without FSDP, 'bfloat16'
+    means bf16 autocast (as in torchtitan)."""
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
     """dtype of FSDP2's gradient reduce-scatter (MixedPrecisionPolicy.reduce_dtype)."""
     autocast_dtype: Literal["", "bfloat16"] = ""
