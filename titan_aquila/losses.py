@@ -3,19 +3,22 @@
 For final hidden states h_n (n < N), output weight W [V, D] and labels y_n (y_n = -100: ignored):
 
     l_n   = W h_n                       computed for C tokens at a time, in the matmul dtype, then upcast to fp32
-    lse_n = logsumexp_v l_n,v           kept: N floats
-    CE    = 1/N' sum_{n: y_n valid} (lse_n - l_n,y_n)                      N' = number of valid labels
+    CE    = 1/N' sum_{n: y_n valid} (logsumexp_v l_n,v - l_n,y_n)          N' = number of valid labels
     z     = 1/N  sum_n (max_v l_n,v)^2                                     ('output_max' z-loss; optional)
 
-Backward recomputes l per chunk (one extra output GEMM) and uses
+with the gradients (the loss is a scalar, so they are known up to the scalar dL/dCE while a chunk's logits exist):
 
     dCE/dl_n = (softmax(l_n) - onehot(y_n)) / N'          dz/dl_n = 2 max(l_n) onehot(argmax l_n) / N
     dh_n = (dL/dl_n) W          dW = sum over chunks of (dL/dl_chunk)^T h_chunk   (accumulated in fp32)
 
-so the peak extra memory is one chunk's C x V logits (+ its gradient) instead of several N x V tensors: the plain
-path keeps the fp32 logits, their log-softmax and, in backward, a gradient of the same size. The arithmetic is
-that of the plain path (`F.linear` then `F.cross_entropy` on `.float()` logits): the same matmul dtype (the
-autocast dtype when autocast is on, else the operands' dtype) and fp32 softmax, so the results agree to rounding.
+When a gradient is wanted, forward computes each chunk's CE gradient right after its logits (the three output
+GEMMs of the plain path: l, dh, dW, and no fourth to recompute l in backward) and keeps dh [N, D] and dW [V, D] in
+fp32; backward scales them by dL/dCE and adds the z term, which needs no logits: a gather of W's argmax rows for
+dh, a scatter-add of h into them for dW. The peak extra memory is one chunk's C x V logits (+ their gradient) and
+the weight-sized dW, instead of several N x V fp32 tensors (the plain path keeps the logits, their log-softmax and,
+in backward, a gradient of the same size). The arithmetic is that of the plain path (`F.linear` then
+`F.cross_entropy` on `.float()` logits): the same matmul dtype (the autocast dtype when autocast is on, else the
+operands') and fp32 softmax, so the results agree to rounding.
 """
 
 from __future__ import annotations
@@ -37,58 +40,64 @@ class LinearCrossEntropy(torch.autograd.Function):
     """(h [N, D], W [V, D], labels [N]) -> (CE mean over valid labels, output max-z mean over tokens)."""
 
     @staticmethod
-    def forward(ctx, h_ND, w_VD, labels_N, chunk_size: int, with_z: bool, dtype: torch.dtype):
-        N = h_ND.shape[0]
+    def forward(ctx, h_ND, w_VD, labels_N, chunk_size: int, with_z: bool, dtype: torch.dtype, with_grad: bool):
+        N, dev = h_ND.shape[0], h_ND.device
         w = w_VD.to(dtype)
-        lse = torch.empty(N, dtype=torch.float32, device=h_ND.device)
-        target = torch.zeros(N, dtype=torch.float32, device=h_ND.device)
-        zmax = torch.zeros(N if with_z else 0, dtype=torch.float32, device=h_ND.device)
-        argmax = torch.zeros(N if with_z else 0, dtype=torch.long, device=h_ND.device)
+        lse = torch.empty(N, dtype=torch.float32, device=dev)
+        target = torch.zeros(N, dtype=torch.float32, device=dev)
+        zmax = torch.zeros(N if with_z else 0, dtype=torch.float32, device=dev)
+        argmax = torch.zeros(N if with_z else 0, dtype=torch.long, device=dev)
         valid = labels_N != IGNORE_INDEX
+        n_valid = valid.sum()
+        scale = valid.float() / n_valid  # dCE/dl factor per token: 0 for ignored labels
         safe_labels = torch.where(valid, labels_N, 0)
-        with torch.autocast(h_ND.device.type, enabled=False):  # the dtype is chosen above, explicitly
+        dh = torch.empty(h_ND.shape, dtype=torch.float32, device=dev) if with_grad else None
+        dw = torch.zeros(w_VD.shape, dtype=torch.float32, device=dev) if with_grad else None
+        with torch.autocast(dev.type, enabled=False):  # the dtype is chosen above, explicitly
             for s in range(0, N, chunk_size):
-                logits = F.linear(h_ND[s:s + chunk_size].to(dtype), w).float()
+                h = h_ND[s:s + chunk_size].to(dtype)
+                y = safe_labels[s:s + chunk_size]
+                logits = F.linear(h, w).float()
                 lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
-                target[s:s + chunk_size] = logits.gather(1, safe_labels[s:s + chunk_size, None]).squeeze(1)
+                target[s:s + chunk_size] = logits.gather(1, y[:, None]).squeeze(1)
                 if with_z:
                     zmax[s:s + chunk_size], argmax[s:s + chunk_size] = logits.max(dim=-1)
-        n_valid = valid.sum()
+                if not with_grad:
+                    continue
+                g = logits.sub_(lse[s:s + chunk_size, None]).exp_().mul_(scale[s:s + chunk_size, None])
+                g[torch.arange(h.shape[0], device=dev), y] -= scale[s:s + chunk_size]
+                g = g.to(dtype)
+                dh[s:s + chunk_size] = g @ w
+                if dtype == torch.float32:
+                    dw.addmm_(g.t(), h)
+                else:  # no mixed-dtype addmm on CPU: the chunk's product is rounded to dtype, summed in fp32
+                    dw += g.t() @ h
         ce = torch.where(valid, lse - target, 0.0).sum() / n_valid
         z = zmax.pow(2).mean() if with_z else lse.new_zeros(())
-        ctx.save_for_backward(h_ND, w_VD, safe_labels, valid, lse, zmax, argmax, n_valid)
-        ctx.chunk_size, ctx.with_z, ctx.dtype = chunk_size, with_z, dtype
+        ctx.save_for_backward(h_ND, w_VD, dh, dw, zmax, argmax)
+        ctx.with_z = with_z
         return ce, z
 
     @staticmethod
     def backward(ctx, grad_ce, grad_z):
-        h_ND, w_VD, labels, valid, lse, zmax, argmax, n_valid = ctx.saved_tensors
-        C, dtype, N = ctx.chunk_size, ctx.dtype, h_ND.shape[0]
-        w = w_VD.to(dtype)
-        dh = torch.empty_like(h_ND) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if ctx.needs_input_grad[1] else None
-        ce_scale = valid.float() * (grad_ce / n_valid)  # per-token factor: 0 for ignored labels
-        with torch.autocast(h_ND.device.type, enabled=False):
-            for s in range(0, N, C):
-                h = h_ND[s:s + C].to(dtype)
-                rows = torch.arange(h.shape[0], device=h.device)
-                g = F.linear(h, w).float()
-                g.sub_(lse[s:s + C, None]).exp_().mul_(ce_scale[s:s + C, None])  # softmax, scaled
-                g[rows, labels[s:s + C]] -= ce_scale[s:s + C]
-                if ctx.with_z:
-                    g[rows, argmax[s:s + C]] += (2.0 / N) * grad_z * zmax[s:s + C]
-                g = g.to(dtype)
-                if dh is not None:
-                    dh[s:s + C] = g @ w
-                if dw is not None:
-                    dw += (g.t() @ h).float()
-        return dh, (dw.to(w_VD.dtype) if dw is not None else None), None, None, None, None
+        h_ND, w_VD, dh_ce, dw_ce, zmax, argmax = ctx.saved_tensors
+        assert dh_ce is not None, "linear_cross_entropy ran without gradients (no_grad or no input requiring grad)"
+        dh, dw = dh_ce * grad_ce, dw_ce * grad_ce
+        if ctx.with_z:
+            # z's gradient touches one logit per token, the argmax: dl = c_n onehot(a_n), c_n = 2 max_n / N.
+            c = (2.0 / h_ND.shape[0]) * grad_z * zmax
+            dh += c[:, None] * w_VD[argmax].float()
+            dw.index_add_(0, argmax, c[:, None] * h_ND.float())
+        dh = dh.to(h_ND.dtype) if ctx.needs_input_grad[0] else None
+        dw = dw.to(w_VD.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, labels_N: torch.Tensor, chunk_size: int = 1024,
                          with_z: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE, output max-z) of logits h W^T without materialising them; see the module docstring."""
-    return LinearCrossEntropy.apply(h_ND, w_VD, labels_N, chunk_size, with_z, _matmul_dtype(h_ND, w_VD))
+    with_grad = torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad)
+    return LinearCrossEntropy.apply(h_ND, w_VD, labels_N, chunk_size, with_z, _matmul_dtype(h_ND, w_VD), with_grad)
 
 
 class FusedOutputLoss:
