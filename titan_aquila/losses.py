@@ -23,6 +23,8 @@ operands') and fp32 softmax, so the results agree to rounding.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -31,9 +33,16 @@ IGNORE_INDEX = -100  # F.cross_entropy's default
 
 def _matmul_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The dtype F.linear(h, w) would multiply in here: autocast's when it is on for this device type."""
-    if torch.is_autocast_enabled(h.device.type):
+    if torch.amp.is_autocast_available(h.device.type) and torch.is_autocast_enabled(h.device.type):
         return torch.get_autocast_dtype(h.device.type)
     return torch.promote_types(h.dtype, w.dtype)
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off (on the meta device, where memory is counted, there is none to turn off)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -53,7 +62,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         safe_labels = torch.where(valid, labels_N, 0)
         dh = torch.empty(h_ND.shape, dtype=torch.float32, device=dev) if with_grad else None
         dw = torch.zeros(w_VD.shape, dtype=torch.float32, device=dev) if with_grad else None
-        with torch.autocast(dev.type, enabled=False):  # the dtype is chosen above, explicitly
+        with _no_autocast(dev):  # the dtype is chosen above, explicitly
             for s in range(0, N, chunk_size):
                 h = h_ND[s:s + chunk_size].to(dtype)
                 y = safe_labels[s:s + chunk_size]
