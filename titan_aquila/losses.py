@@ -91,7 +91,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_z):
         h_ND, w_VD, dh_ce, dw_ce, zmax, argmax = ctx.saved_tensors
         assert dh_ce is not None, "linear_cross_entropy ran without gradients (no_grad or no input requiring grad)"
-        dh, dw = dh_ce * grad_ce, dw_ce * grad_ce
+        # In place: no second weight-sized fp32 buffer. A second backward (retain_graph) is then refused by autograd's
+        # version check on the saved tensors ("modified by an inplace operation").
+        dh, dw = dh_ce.mul_(grad_ce), dw_ce.mul_(grad_ce)
         if ctx.with_z:
             # z's gradient touches one logit per token, the argmax: dl = c_n onehot(a_n), c_n = 2 max_n / N.
             c = (2.0 / h_ND.shape[0]) * grad_z * zmax

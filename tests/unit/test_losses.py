@@ -104,3 +104,15 @@ def test_trainer_choice_of_path():
     assert not use and "tensor parallelism" in msg
     cfg.training.fused_linear_cross_entropy = False
     assert not fused_loss_plan(cfg, model, tp_enabled=False)[0]
+
+
+def test_no_grad_gives_the_loss_and_a_second_backward_is_refused():
+    torch.manual_seed(4)
+    h, w, labels = torch.randn(9, 8), torch.randn(11, 8), torch.randint(0, 11, (9,))
+    with torch.no_grad():  # validation: loss only, no gradient buffers
+        ce, _ = linear_cross_entropy(h.requires_grad_(), w, labels, chunk_size=4)
+    torch.testing.assert_close(ce, F.cross_entropy(F.linear(h, w), labels), rtol=1e-5, atol=1e-6)
+    ce, _ = linear_cross_entropy(h, w, labels, chunk_size=4)
+    ce.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # kept gradients scaled in place
+        ce.backward()
