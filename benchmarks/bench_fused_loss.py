@@ -34,11 +34,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created while active and still alive (freed ones are subtracted)."""
+    """Peak bytes of the tensor storages created while active and still alive (freed ones are subtracted).
+    `inputs`' storages count as existing (0 bytes), so views of them (W^T, slices of h) are not new memory."""
 
-    def __init__(self):
+    def __init__(self, inputs=()):
         super().__init__()
-        self.live: dict[int, int] = {}
+        self.live: dict[int, int] = {t.untyped_storage()._cdata: 0 for t in inputs}
         self.now = self.peak = 0
 
     def _free(self, key: int) -> None:
@@ -79,7 +80,7 @@ def loss_step(path: str, h, w, labels, chunk: int) -> None:
 
 def meta_peak(path: str, n: int, dim: int, vocab: int, dtype: str, chunk: int) -> int:
     h, w, labels = loss_inputs(n, dim, vocab, DTYPES[dtype], "meta")
-    with LiveBytes() as tracker:
+    with LiveBytes((h, w, labels)) as tracker:
         loss_step(path, h, w, labels, chunk)
         del h, w  # their .grad stay alive in the count: the result of the step
     return tracker.peak

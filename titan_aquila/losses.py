@@ -67,20 +67,26 @@ class LinearCrossEntropy(torch.autograd.Function):
                 h = h_ND[s:s + chunk_size].to(dtype)
                 y = safe_labels[s:s + chunk_size]
                 logits = F.linear(h, w).float()
-                lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
                 target[s:s + chunk_size] = logits.gather(1, y[:, None]).squeeze(1)
+                m, a = logits.max(dim=-1)
                 if with_z:
-                    zmax[s:s + chunk_size], argmax[s:s + chunk_size] = logits.max(dim=-1)
-                if not with_grad:
-                    continue
-                g = logits.sub_(lse[s:s + chunk_size, None]).exp_().mul_(scale[s:s + chunk_size, None])
-                g[torch.arange(h.shape[0], device=dev), y] -= scale[s:s + chunk_size]
-                g = g.to(dtype)
-                dh[s:s + chunk_size] = g @ w
-                if dtype == torch.float32:
-                    dw.addmm_(g.t(), h)
-                else:  # no mixed-dtype addmm on CPU: the chunk's product is rounded to dtype, summed in fp32
-                    dw += g.t() @ h
+                    zmax[s:s + chunk_size], argmax[s:s + chunk_size] = m, a
+                # logsumexp as m + log sum exp(l - m), with exp(l - m) written over the logits: the chunk's only
+                # C x V fp32 buffer (torch.logsumexp would allocate two more), and softmax = exp(l - m) / sum.
+                e = logits.sub_(m[:, None]).exp_()
+                total = e.sum(dim=-1)
+                lse[s:s + chunk_size] = m + total.log()
+                if with_grad:
+                    g = e.mul_((scale[s:s + chunk_size] / total)[:, None])
+                    g[torch.arange(h.shape[0], device=dev), y] -= scale[s:s + chunk_size]
+                    g = g.to(dtype)
+                    dh[s:s + chunk_size] = g @ w
+                    if dtype == torch.float32:
+                        dw.addmm_(g.t(), h)
+                    else:  # no mixed-dtype addmm on CPU: the chunk's product is rounded to dtype, summed in fp32
+                        dw += g.t() @ h
+                    del g
+                del logits, e  # before the next chunk's logits exist: one C x V buffer at a time, not two
         ce = torch.where(valid, lse - target, 0.0).sum() / n_valid
         z = zmax.pow(2).mean() if with_z else lse.new_zeros(())
         ctx.save_for_backward(h_ND, w_VD, dh, dw, zmax, argmax)
