@@ -23,10 +23,10 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from common import ROOT, base_parser, interleaved, ratio, setup, write_result
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from common import ROOT, base_parser, interleaved, ratio, setup, write_result
 from titan_aquila.losses import linear_cross_entropy
 from titan_aquila.metrics import peak_rss_bytes
 
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     for dtype in ("fp32", "bf16"):
         h, w, labels = loss_inputs(a.time_tokens, a.dim, a.time_vocab, torch.float32, "cpu")
 
-        def run(pth, bf16=dtype == "bf16"):
+        def run(pth, h=h, w=w, labels=labels, bf16=dtype == "bf16"):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss_step(pth, h, w, labels, a.chunk)
             h.grad = w.grad = None

@@ -55,8 +55,8 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
         if peak is not None and torch.backends.cuda.matmul.allow_tf32:
             return peak / 2, f"{name} dense tf32 spec"  # TF32 tensor cores run at half the bf16 rate
         return measure_peak_flops(device, dtype, n=8192, iters=10), f"measured {dtype} 8192^3 GEMM on {name}"
-    return (measure_peak_flops(device, dtype), f"measured {dtype} 1024^3 GEMM on {torch.get_num_threads()} "
-            f"thread(s); {cpu_bf16_report(dtype)}")
+    where = f"measured {dtype} 1024^3 GEMM on {torch.get_num_threads()} thread(s); {cpu_bf16_report(dtype)}"
+    return measure_peak_flops(device, dtype), where
 
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:

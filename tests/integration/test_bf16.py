@@ -7,8 +7,6 @@ fall from 10.8 to ~5.7; bf16 keeps 8 significant bits, 0.4% relative per roundin
 0.0008). The bf16 runs must not be bit-identical to fp32 (bf16 really used), and the start-up line names the bf16
 peak and whether the CPU has native bf16."""
 
-import pytest
-
 from _util import losses, run_train, tiny_config
 
 STEPS = 50
