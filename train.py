@@ -51,6 +51,7 @@ class StepParts:
     optimizer: object
     scheduler: object
     loss_fn: object  # training_loss, possibly compiled
+    fused_chunk: int  # > 0: the fused chunked output + cross-entropy (titan_aquila/losses.py); 0: loss_fn on logits
     coeffs: tuple[float, float, bool]  # load_balance_coeff, z_loss_coeff, z on the output logits
     autocast: object  # () -> context manager
     device: object
@@ -68,15 +69,22 @@ def train_step(p: StepParts, data_iter, step: int):
 
     import torch
 
-    from titan_aquila.train_utils import collect_expert_load, full_grad_norm, reduce_mean, update_expert_bias
+    from titan_aquila.losses import FusedOutputLoss
+    from titan_aquila.train_utils import (collect_expert_load, combine_loss, full_grad_norm, reduce_mean,
+                                          update_expert_bias)
 
     p.optimizer.zero_grad(set_to_none=True)
     parts = torch.zeros(3, device=p.device)  # [ce, load balance, z], means over this rank's micro-batches
     for _ in range(p.accum):
         inputs, labels = (x.to(p.device) for x in next(data_iter))
-        with p.autocast():
-            logits, aux = p.model(inputs)
-        loss, detached = p.loss_fn(logits, labels, aux, *p.coeffs)
+        if p.fused_chunk:  # CE and output z come out of the model's forward; no [tokens, vocab] logits
+            with p.autocast():
+                (ce, z_out), aux = p.model(inputs, head=FusedOutputLoss(labels, p.fused_chunk, p.coeffs[2]))
+            loss, detached = combine_loss(ce, z_out, aux, *p.coeffs[:2])
+        else:
+            with p.autocast():
+                logits, aux = p.model(inputs)
+            loss, detached = p.loss_fn(logits, labels, aux, *p.coeffs)
         (loss / p.accum).backward()  # + FSDP2's mean over dp ranks = the gradient of the global-batch mean
         parts += detached / p.accum
     grad_norm = full_grad_norm(p.model, p.max_norm)  # global norm before clipping, over every mesh
@@ -124,6 +132,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     from titan_aquila.evaluate import validation_loss
     from titan_aquila.growth.audit import run_growth_audit
     from titan_aquila.growth.loader import plan_stage, resolve_growth
+    from titan_aquila.losses import fused_loss_plan
     from titan_aquila.metrics import MetricsLogger, device_peak_flops
     from titan_aquila.models.aquila import build_model
     from titan_aquila.optim import apply_schedule, build_lr_scheduler, build_optimizer
@@ -179,7 +188,11 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
                              dp_group, cfg.job.dump_folder) if do_audit and start == 0 else None
 
     autocast_dtype = {"": None, "bfloat16": torch.bfloat16}[t.autocast_dtype]
-    peak, peak_desc = device_peak_flops(device, autocast_dtype or torch.float32)
+    if autocast_dtype is None and t.mixed_precision_param == "bfloat16" and not dims.fsdp_enabled:
+        autocast_dtype = torch.bfloat16  # as torchtitan: without FSDP, mixed_precision_param means autocast
+        logger.info("training.mixed_precision_param bfloat16 without FSDP: bf16 autocast, fp32 parameters")
+    bf16 = autocast_dtype is not None or (dims.fsdp_enabled and t.mixed_precision_param == "bfloat16")
+    peak, peak_desc = device_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     logger.info(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_desc}); gradient accumulation {accum}; global "
                 f"batch {t.local_batch_size * dp_degree * accum} x {t.seq_len} = {tokens_per_step:,} tokens; steps "
                 f"{start + 1}..{t.steps}")
@@ -192,9 +205,13 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
 
     # compile.components 'loss': the CE (+ aux) objective as one graph (fuses the fp32 upcast of the large logits).
     loss_fn = training_loss
-    if cfg.compile.enable and "loss" in cfg.compile.components:
+    fused, fused_msg = fused_loss_plan(cfg, model, dims.tp_enabled)
+    logger.info(fused_msg)
+    if cfg.compile.enable and "loss" in cfg.compile.components and not fused:
         loss_fn = torch.compile(training_loss, backend=cfg.compile.backend)
         logger.info(f"[parallelize] torch.compile ({cfg.compile.backend}) of the training loss")
+    elif cfg.compile.enable and "loss" in cfg.compile.components:
+        logger.info("[parallelize] compile.components 'loss' unused: the fused loss runs eagerly (GEMMs chunk by chunk)")
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -221,7 +238,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
         counts = reduce_mean(torch.tensor(train_loader.source_tokens, dtype=torch.float64), dp_group)
         metrics.log_sources(step, dict(zip(train_loader.names, (counts * dp_degree).tolist())))
 
-    parts = StepParts(model, optimizer, scheduler, loss_fn,
+    parts = StepParts(model, optimizer, scheduler, loss_fn, t.loss_chunk_size if fused else 0,
                       (m.load_balance_coeff, m.z_loss_coeff, args.z_loss_type == "output_max"), autocast, device,
                       dp_group, accum, t.max_norm, t.on_nonfinite, m.bias_update_rate)
     data_iter = iter(train_loader)  # after ckpt.load(): a fresh iterator starts at the restored position

@@ -206,12 +206,22 @@ def build_hf_twin(ours, model_args):
             sd[q + "gate.weight"] = sd.pop(p + "gate.weight")
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     missing = [k for k in missing if "rotary" not in k]
+    if model_args.tie_embeddings:  # lm_head shares embed_tokens' storage: loaded with it
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+        missing = [k for k in missing if k != "lm_head.weight"]
     assert not missing and not unexpected, (missing, unexpected)
     return hf.train()
 
 
-def ours_forward(model):
-    return lambda tokens: model(tokens)
+def ours_forward(model, fused_labels=None, chunk_size: int = 1024):
+    """Our model's forward; with `fused_labels` it returns ((CE, z), aux) from the fused chunked output + loss
+    (titan_aquila/losses.py, the trainer's default) instead of (logits, aux)."""
+    if fused_labels is None:
+        return lambda tokens: model(tokens)
+    from titan_aquila.losses import FusedOutputLoss
+
+    head = FusedOutputLoss(fused_labels, chunk_size, with_z=False)
+    return lambda tokens: model(tokens, head=head)
 
 
 def hf_forward(model):
@@ -252,8 +262,11 @@ def train_step_fn(forward, params, tokens, labels, bf16: bool, aux_coeff: float 
             for p in params:
                 p.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, aux = forward(tokens)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            out, aux = forward(tokens)
+        if isinstance(out, tuple):  # fused output + loss: (CE, z) already
+            loss = out[0]
+        else:
+            loss = F.cross_entropy(out.float().flatten(0, 1), labels.flatten())
         if aux_coeff:
             loss = loss + aux_coeff * aux.sum()
         loss.backward()

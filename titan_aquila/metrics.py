@@ -59,7 +59,37 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
         if peak is not None and torch.backends.cuda.matmul.allow_tf32:
             return peak / 2, f"{name} dense tf32 spec"  # TF32 tensor cores run at half the bf16 rate
         return measure_peak_flops(device, dtype, n=8192, iters=10), f"measured {dtype} 8192^3 GEMM on {name}"
-    return measure_peak_flops(device, dtype), f"measured {dtype} 1024^3 GEMM on {torch.get_num_threads()} thread(s)"
+    where = f"measured {dtype} 1024^3 GEMM on {torch.get_num_threads()} thread(s); {cpu_bf16_report(dtype)}"
+    return measure_peak_flops(device, dtype), where
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The native bf16 matmul instruction sets this CPU advertises (x86 /proc/cpuinfo flags): 'AMX-BF16' (tile
+    matmul, Sapphire Rapids on) and/or 'AVX512-BF16' (dot products, Cooper Lake / Zen 4 on). oneDNN uses them for
+    bf16 GEMMs; without either a bf16 GEMM is emulated and runs far below fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+
+
+def cpu_bf16_report(dtype: torch.dtype, cpuinfo: str | None = None) -> str:
+    """One start-up phrase: the CPU's native bf16 support (and torch's CPU kernel level), with a warning when bf16
+    is the training dtype but the CPU lacks it."""
+    found = cpu_bf16_flags(cpuinfo)
+    level = torch.backends.cpu.get_cpu_capability()
+    if found:
+        return f"native bf16: {' + '.join(found)} (torch CPU kernels {level})"
+    if dtype == torch.bfloat16:
+        return (f"warning: bf16 training on a CPU without AVX512-BF16/AMX (torch CPU kernels {level}): bf16 GEMMs "
+                f"are emulated, usually slower than fp32")
+    return f"no native bf16 (no AVX512-BF16/AMX; torch CPU kernels {level})"
 
 
 def peak_rss_bytes() -> int:

@@ -23,12 +23,21 @@ def training_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, aux_2: torc
                (z_loss_type 'output_max', Baichuan 2's max-z on the LM head) the mean over tokens of (max_v logit)^2
 
     CE is the mean over the micro-batch's tokens; every micro-batch holds the same number of tokens (packed
-    windows), so the mean of micro-batch losses is the mean over the whole batch."""
+    windows), so the mean of micro-batch losses is the mean over the whole batch. (The fused path of
+    titan_aquila/losses.py computes CE and the output z without the logits and calls `combine_loss`.)"""
     logits = logits_BTV.float()  # fp32 softmax even under bf16 autocast
     ce = F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten())
+    z_out = logits.max(dim=-1).values.pow(2).mean() if z_on_output else None
+    return combine_loss(ce, z_out, aux_2, load_balance_coeff, z_loss_coeff)
+
+
+def combine_loss(ce: torch.Tensor, z_out: torch.Tensor | None, aux_2: torch.Tensor, load_balance_coeff: float,
+                 z_loss_coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`training_loss` from its parts: z is the output-logit z (`z_out`, z_loss_type 'output_max') when given,
+    else the router's."""
     lb, z = aux_2[0], aux_2[1]
-    if z_on_output:  # the model's router z is 0 for this type
-        z = logits.max(dim=-1).values.pow(2).mean()
+    if z_out is not None:  # the model's router z is 0 for this type
+        z = z_out
     loss = ce + load_balance_coeff * lb + z_loss_coeff * z
     return loss, torch.stack([ce, lb, z]).detach()
 

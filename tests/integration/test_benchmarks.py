@@ -46,6 +46,20 @@ def test_throughput(tmp_path):
             assert r["active_params"] < r["params"] and positive(r["speedup_vs_hf_loop"])
 
 
+def test_fused_loss(tmp_path):
+    doc = run_bench("bench_fused_loss", tmp_path)
+    D, C = doc["dim"], doc["chunk"]
+    for r in doc["memory"]:
+        N, V, gib = r["seq"], r["vocab"], 2 ** 30
+        # plain: fp32 logits, their log-softmax and a gradient of the same size are alive together
+        assert r["plain_gib"] >= 3 * N * V * 4 / gib, r
+        # fused: one chunk of fp32 logits (+ its bf16 copy), the fp32 dW and dh, a few per-token vectors
+        assert r["fused_gib"] <= (1.5 * C * V * 4 + V * D * 4 + 3 * N * D * 4 + 64 * N) / gib, r
+    check = doc["real_check"]
+    assert all(positive(check[k]) for k in ("plain_rss_gib", "fused_rss_gib", "plain_meta_gib", "fused_meta_gib"))
+    assert all(positive(t["plain_over_fused"]) for t in doc["time"].values())
+
+
 def test_mfu(tmp_path):
     doc = run_bench("bench_mfu", tmp_path)
     rows = doc["results"]

@@ -63,7 +63,8 @@ def test_expert_parallel_with_fsdp_equals_single_process(tmp_path):
 
 @pytest.mark.parametrize("flags", [
     ("--compile.enable", "--compile.backend", "aot_eager"),  # inductor's first compile costs ~20 s per run here
-    ("--compile.enable", "--compile.backend", "aot_eager", "--compile.components", "model,loss"),
+    ("--compile.enable", "--compile.backend", "aot_eager", "--compile.components", "model,loss",
+     "--training.fused_linear_cross_entropy=false"),  # the plain path: its loss is what 'loss' compiles
     ("--activation_checkpoint.mode", "full"),
     ("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"),
 ], ids=["compile", "compile_loss", "ac_full", "ac_selective"])
@@ -74,6 +75,8 @@ def test_compile_and_activation_checkpointing_keep_the_losses(tmp_path, flags):
     assert rc == 0, err
     if "model,loss" in flags:
         assert "torch.compile (aot_eager) of the training loss" in out
+    else:
+        assert "[loss] fused chunked linear + cross-entropy" in out
     assert_same_losses(losses(out), ref)
 
 

@@ -205,3 +205,21 @@ def test_expert_bias_update_follows_the_sign_of_the_load_gap():
     assert moe.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
     update_expert_bias(model, {0: torch.tensor([5.0, 5.0, 5.0, 5.0])}, 0.5)  # balanced: no change
     assert moe.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+
+
+def test_fused_linear_cross_entropy_on_fsdp_equals_the_plain_path(tmp_path):
+    """The plain logits + loss on one process against the fused chunked loss on 2 FSDP2 ranks (same global batch;
+    chunk 24 does not divide a rank's 32 tokens), with the 'output_max' z-loss on so its gradient counts too.
+    (Fused against plain on one process, gradient by gradient: tests/unit/test_losses.py.)"""
+    moe = {"z_loss_type": "output_max", "z_loss_coeff": 1e-2}
+    ref = run_train(tiny_config(tmp_path, name="plain", training={"local_batch_size": 2, "steps": 4}, moe=moe),
+                    "--training.fused_linear_cross_entropy=false")
+    assert ref.rc == 0, ref.err
+    assert "plain output layer + cross-entropy" in ref.out
+    fsdp = run_train(tiny_config(tmp_path, name="fsdp", training={"local_batch_size": 1, "steps": 4}, moe=moe),
+                     "--training.loss_chunk_size", "24", nproc=2)
+    assert fsdp.rc == 0, fsdp.err
+    assert "FSDP2 over 2 ranks" in fsdp.out and "fused chunked linear + cross-entropy, 24 tokens per chunk" in fsdp.out
+    assert sorted(ref.losses) == sorted(fsdp.losses) == [1, 2, 3, 4]
+    for step, want in ref.losses.items():
+        assert fsdp.losses[step] == pytest.approx(want, abs=2e-5), (step, fsdp.losses, ref.losses)

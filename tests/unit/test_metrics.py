@@ -31,3 +31,19 @@ def test_flops_per_token_counts_moe_active_experts_only():
     # top-2 of 8 experts: twice the dense FFN matmuls plus the router, per layer; attention and output unchanged.
     extra = 2 * (2 * 3 * 16 * 40 - 3 * 16 * 40 + 16 * 8)
     assert moe.flops_per_token(seq_len=8) - dense.flops_per_token(seq_len=8) == 6 * extra
+
+
+def test_cpu_bf16_flags_and_report():
+    import torch
+
+    from titan_aquila.metrics import cpu_bf16_flags, cpu_bf16_report
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    spr = "flags\t\t: avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    avx2 = "flags\t\t: fpu sse4_2 avx2 fma\n"
+    assert cpu_bf16_flags(zen4) == ["AVX512-BF16"]
+    assert cpu_bf16_flags(spr) == ["AMX-BF16", "AVX512-BF16"]
+    assert cpu_bf16_flags(avx2) == []
+    assert cpu_bf16_report(torch.bfloat16, spr).startswith("native bf16: AMX-BF16 + AVX512-BF16 (torch CPU kernels ")
+    assert cpu_bf16_report(torch.bfloat16, avx2).startswith("warning: bf16 training on a CPU without AVX512-BF16/AMX")
+    assert cpu_bf16_report(torch.float32, avx2).startswith("no native bf16")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from titan_aquila.models.aquila import FeedForward
 from titan_aquila.models.args import ModelArgs
-from titan_aquila.models.moe import MoE, load_balance_loss, router_z_loss
+from titan_aquila.models.moe import GroupedExperts, MoE, expert_swiglu, load_balance_loss, router_z_loss
 
 
 def make_moe(order="topk_softmax", E=4, k=2, D=16, Fe=24, shared=0, seed=0, grouped=True):
@@ -147,3 +147,21 @@ def test_shared_expert_is_added():
     routed = naive_moe(moe, x.view(-1, 16)).view(1, 5, 16)
     torch.testing.assert_close(moe(x)[0], routed + moe.shared_expert(x), atol=1e-5, rtol=1e-5)
     assert math.isfinite(moe(x)[1].sum().item())
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_experts_under_bf16_autocast_multiply_in_bf16(grouped):
+    """torch._grouped_mm is on no autocast list: the experts cast to the autocast dtype themselves, so under bf16
+    autocast they give exactly the explicit bf16 computation (not the fp32 one), and fp32 weight gradients."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(16, 32, 4, use_grouped_mm=grouped)
+    experts.reset_parameters(0.3, 0.3)
+    x, counts = torch.randn(10, 16), torch.tensor([3, 0, 5, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, counts)
+    want = expert_swiglu(x.bfloat16(), experts.w1.bfloat16(), experts.w2.bfloat16(), experts.w3.bfloat16(), counts,
+                         grouped)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, want)
+    y.float().sum().backward()
+    assert experts.w1.grad.dtype == torch.float32 and experts.w1.grad.abs().sum() > 0

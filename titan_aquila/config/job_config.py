@@ -77,11 +77,18 @@ class Training:
     folder), weight (> 0; the share of training sequences, normalised over the sources) and optionally
     validation_path (a prepared folder: one validation loss per source)."""
     mixed_precision_param: Literal["float32", "bfloat16"] = "float32"
-    """dtype FSDP2 casts parameters to for compute (MixedPrecisionPolicy.param_dtype)."""
+    """dtype FSDP2 casts parameters to for compute (MixedPrecisionPolicy.param_dtype); without FSDP, 'bfloat16'
+    means bf16 autocast (as in torchtitan)."""
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
     """dtype of FSDP2's gradient reduce-scatter (MixedPrecisionPolicy.reduce_dtype)."""
     autocast_dtype: Literal["", "bfloat16"] = ""
     """torch.autocast dtype for forward and loss where FSDP mixed precision does not apply; empty = off."""
+    fused_linear_cross_entropy: bool = True
+    """Compute the output projection and cross-entropy (and the 'output_max' z-loss) chunk by chunk of tokens, never
+    holding the [tokens, vocab] logits (exact to rounding); false = plain logits then loss. Tensor parallelism and a
+    float8 output layer use the plain path."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the fused output + cross-entropy (its extra memory is about chunk x vocab x 8 bytes)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """When the loss or gradient norm is NaN/Inf: 'stop' the job with an error, or 'skip' the optimizer step."""
     num_workers: int = 0

@@ -54,6 +54,7 @@ def option_errors(cfg) -> list[str]:
         need(t.global_batch_size % t.local_batch_size == 0, "training.global_batch_size",
              f"a multiple of training.local_batch_size ({t.local_batch_size})")
     need(t.seq_len >= 1, "training.seq_len", ">= 1")
+    need(t.loss_chunk_size >= 1, "training.loss_chunk_size", ">= 1")
     need(t.max_norm > 0, "training.max_norm", "> 0 (inf disables clipping)")
     need(t.steps >= 1, "training.steps", ">= 1")
     need(t.seed >= 0, "training.seed", ">= 0")

@@ -5,7 +5,8 @@
     h_{l+1} = a_l + FFN_l(RMSNorm(a_l))            FFN_l is SwiGLU, or an MoE of SwiGLU experts
     logits  = RMSNorm(h_L) W_out^T                 W_out = E when embeddings are tied
 
-`Transformer.forward` returns `(logits, aux)` where `aux = [load_balance, router_z]` is the mean of the MoE layers'
+`Transformer.forward` returns `(logits, aux)`, or `(head(RMSNorm(h_L), W_out), aux)` when given a `head` (the fused
+chunked output + loss of titan_aquila/losses.py, which never builds the full logits), where `aux = [load_balance, router_z]` is the mean of the MoE layers'
 auxiliary losses (zeros for a dense model), so the trainer adds them to the loss with its own coefficients.
 This file knows nothing of parallelism: TP/EP/FSDP/compile are applied from the outside by `parallel/`.
 """
@@ -156,7 +157,12 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
+
+    def forward(self, tokens_BT: torch.Tensor, head=None) -> tuple[object, torch.Tensor]:
+        """`head(h_BTD, W_out)`, if given, replaces the output projection; it is called here, inside forward, so
+        that wrappers which gather parameters around forward (FSDP2) have W_out gathered for it."""
         T = tokens_BT.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.args.max_seq_len}")
@@ -167,11 +173,13 @@ class Transformer(nn.Module):
             h, layer_aux = block(h, cos, sin)
             aux = aux + layer_aux
         h = self.norm(h)
+        n_moe = len(self.args.moe_layer_ids)
+        if head is not None:
+            return head(h, self.output_weight()), aux / max(n_moe, 1)
         if hasattr(self, "output"):
             logits = self.output(h)
         else:
             logits = F.linear(h, self.tok_embeddings.weight)
-        n_moe = len(self.args.moe_layer_ids)
         return logits, aux / max(n_moe, 1)
 
 

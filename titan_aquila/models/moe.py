@@ -78,6 +78,10 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
         """Rows grouped by expert, counts_E[e] for expert e; `capacity` C: exactly C rows per expert (padded)."""
         w1, w2, w3 = self.w1, self.w2, self.w3
+        if torch.is_autocast_enabled(x_ND.device.type):
+            # torch._grouped_mm is on no autocast cast list: without this it multiplies in fp32 under bf16 autocast.
+            dtype = torch.get_autocast_dtype(x_ND.device.type)
+            x_ND, w1, w2, w3 = (t.to(dtype) for t in (x_ND, w1, w2, w3))
         if capacity is not None:  # fixed [E, C, D] groups: batched GEMMs, static shapes (also compiled in fp32)
             E = w1.shape[0]
             return padded_expert_swiglu(x_ND.view(E, capacity, -1), w1, w2, w3).reshape(E * capacity, -1)
