@@ -42,6 +42,8 @@ def _grow_and_train(tmp_path, source: Path, methods: list[str], overrides: dict,
     rc, out, err = run_train(cfg, nproc=2, timeout=240)
     assert rc == 0, err[-3000:]
     assert "FSDP2 over 2 ranks" in out
+    # a clean run prints no library warning (torch's DeviceMesh deprecation came from slicing the flattened "dp")
+    assert "Warning" not in err and "deprecat" not in err.lower(), err[-3000:]
     audit = json.loads((tmp_path / "grown" / "growth_audit.json").read_text())
     ls = losses(out)
     print(f"\ngrowth audit: {audit}\ntraining losses: {ls}")
