@@ -10,7 +10,8 @@ initial load | grow) -> [growth audit] -> steps -> final save -> gloo-safe exit.
 
 One step (`train_step`), with A = global_batch_size / (local_batch_size x dp degree) micro-batches:
 
-    grad = d/dθ  (1/A) Σ_micro  [ CE + load_balance_coeff·lb + z_loss_coeff·z ]     (FSDP2 averages over dp ranks)
+    grad = d/dθ  (1/A) Σ_micro  [ CE + Σ_{MoE layers l} (load_balance_coeff·lb_l + z_loss_coeff·z_l) ]
+           (FSDP2 averages over dp ranks; moe.aux_loss_reduction = "mean" averages over the layers instead)
     clip to training.max_norm; a non-finite loss or grad norm stops the run or skips the update (training.on_nonfinite)
     AdamW step; LR schedule step; expert loads all-reduced and reset; expert_bias += rate·sign(mean load − load)
 """
@@ -138,8 +139,8 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     from titan_aquila.optim import apply_schedule, build_lr_scheduler, build_optimizer
     from titan_aquila.parallel.dist_utils import init_distributed
     from titan_aquila.parallel.parallelize import parallelize_model
-    from titan_aquila.train_utils import (collect_expert_load, drop_fractions, load_fractions, reduce_mean,
-                                          training_loss)
+    from titan_aquila.train_utils import (aux_coefficients, collect_expert_load, drop_fractions, load_fractions,
+                                          reduce_mean, training_loss)
 
     t, v, m = cfg.training, cfg.validation, cfg.moe
     if cfg.job.print_config:
@@ -239,7 +240,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
         metrics.log_sources(step, dict(zip(train_loader.names, (counts * dp_degree).tolist())))
 
     parts = StepParts(model, optimizer, scheduler, loss_fn, t.loss_chunk_size if fused else 0,
-                      (m.load_balance_coeff, m.z_loss_coeff, args.z_loss_type == "output_max"), autocast, device,
+                      aux_coefficients(m, args), autocast, device,
                       dp_group, accum, t.max_norm, t.on_nonfinite, m.bias_update_rate)
     data_iter = iter(train_loader)  # after ckpt.load(): a fresh iterator starts at the restored position
     try:

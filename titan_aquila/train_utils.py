@@ -42,6 +42,21 @@ def combine_loss(ce: torch.Tensor, z_out: torch.Tensor | None, aux_2: torch.Tens
     return loss, torch.stack([ce, lb, z]).detach()
 
 
+def aux_coefficients(moe_cfg, args) -> tuple[float, float, bool]:
+    """(load_balance_coeff, z_loss_coeff, z_on_output) for `training_loss`, given the model's aux = the per-layer
+    MEANS [mean_l lb_l, mean_l z_l] over its n_L MoE layers:
+
+        moe.aux_loss_reduction 'sum' (default; Megatron, on which AquilaMoE's FlagScale runs: every MoE layer adds
+            its own terms):  loss = CE + sum_l (c_lb * lb_l + c_z * z_l) = CE + (n_L c_lb) mean_l lb_l + (n_L c_z) mean_l z_l
+        'mean':              loss = CE + c_lb * mean_l lb_l + c_z * mean_l z_l
+
+    z_loss_type 'output_max' (Baichuan 2's max-z on the LM head) is one term, not per layer: its coefficient is never
+    scaled. The logged parts stay per-layer means (load balance 1 = uniform routing) whatever the reduction."""
+    layers = max(len(args.moe_layer_ids), 1) if moe_cfg.aux_loss_reduction == "sum" else 1
+    on_output = args.z_loss_type == "output_max"
+    return moe_cfg.load_balance_coeff * layers, moe_cfg.z_loss_coeff * (1 if on_output else layers), on_output
+
+
 def full_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` (inf = no clipping) and return the global L2 norm of all gradients as a plain tensor.
 

@@ -186,7 +186,6 @@ def test_cli_bad_inputs(tmp_path):
 
 @pytest.mark.parametrize("overrides,needle", [
     (dict(n_shared_experts=1, shared_expert_gate=False), "shared_expert_gate"),
-    (dict(route_scale=2.0), "route_scale"),
 ])
 def test_cli_moe_export_refusals(overrides, needle, tmp_path):
     args = ModelArgs(**{**BASE, "n_experts": 4, "top_k": 2, "moe_ffn_dim": 16, **overrides}).validate()

@@ -155,7 +155,8 @@ def test_help_answers_without_a_config():
 
 def test_moe_bias_update_moves_expert_bias_in_steps_of_the_rate(tmp_path):
     """Aux-loss-free balancing end to end: after 3 steps each bias is k * rate with |k| <= 3, and some moved."""
-    cfg = tiny_config(tmp_path, flavor="debugmoe", overrides={"n_experts": 4, "top_k": 1, "moe_ffn_dim": 32},
+    cfg = tiny_config(tmp_path, flavor="debugmoe", overrides={"n_experts": 4, "top_k": 1, "moe_ffn_dim": 32,
+                                                                 "router_order": "softmax_topk"},
                       training={"steps": 3}, moe={"bias_update_rate": 0.25, "load_balance_coeff": 0.0},
                       checkpoint={"enable": True, "interval": 100})
     rc, out, err = run_train(cfg)

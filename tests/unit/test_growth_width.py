@@ -90,7 +90,12 @@ def test_exact_non_integer_ratio(tie, bias):
     c = 32 / 56
     assert plan.dst_args.norm_eps == pytest.approx(a.norm_eps * c)
     assert sd["tok_embeddings.weight"][:, 32:].abs().max() == 0  # producers write zeros into the padding
-    assert sd["layers.0.attention_norm.weight"][32:].abs().max() == 0
+    assert sd["layers.0.attention.wo.weight"][32:].abs().max() == 0 == sd["layers.1.feed_forward.w2.weight"][32:].abs().max()
+    # ... consumers read it through random columns on the source matrix's scale and a non-zero gamma (learnable)
+    gamma = sd["layers.0.attention_norm.weight"]
+    assert torch.equal(gamma[32:], gamma[:32].mean().expand(24))
+    ratio = sd["layers.0.attention.wq.weight"][:, 32:].std() / src.layers["0"].attention.wq.weight.std()
+    assert 0.8 < ratio < 1.2
     d = logit_diff(src, dst)
     print(f"exact 32 -> 56 bias={bias} tie={tie}: max|dlogit| = {d:.2e}")
     assert d <= 1e-4
@@ -111,8 +116,9 @@ def test_ffn_only_growth_any_ratio_exact(F2):
 def test_aki_equals_fpi_on_old_units_differs_on_new():
     a = src_args(n_layers=3, qkv_bias=True)
     t = a.replace(dim=64, n_heads=8, ffn_dim=96, head_dim=None).validate()
-    _, _, _, fpi = grow(["fpi"], a, t)
-    src, _, _, aki = grow(["aki"], a, t)
+    equal = GrowthOptions(split_spread=0.0)  # equal shares: donated units are exactly layer l+1's FPI units
+    _, _, _, fpi = grow(["fpi"], a, t, opts=equal)
+    src, _, _, aki = grow(["aki"], a, t, opts=equal)
     r, r2, hd = 2, 4, 8
     new_q = (torch.arange(8) % r2 >= r).repeat_interleave(hd)
     for l in range(3):
@@ -141,10 +147,31 @@ def test_aki_equals_fpi_on_old_units_differs_on_new():
                     assert torch.equal(aki[n], fpi[n])
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_aki_on_identical_layers_is_fpi_so_exact(tie):
+    """An independent check of AKI's wiring with the default unequal shares: when layer l+1 equals layer l, the
+    donated units are the units FPI would copy and the donor is grown with layer l's shares, so AKI must be exact.
+    (Any wrong head/unit index, or shares that do not sum to 1 over own + donated copies, breaks this.)"""
+    a = src_args(n_layers=3, qkv_bias=True, tie_embeddings=tie)
+    src = random_model(a)
+    with torch.no_grad():
+        for l in ("1", "2"):
+            src.layers[l].load_state_dict(src.layers["0"].state_dict())
+    t = a.replace(dim=64, n_heads=8, ffn_dim=80, head_dim=None).validate()
+    opts = GrowthOptions()
+    plan = plan_growth(["aki"], a, t, opts)
+    sd = apply_growth(plan, {k: v.detach().clone() for k, v in src.state_dict().items()}, opts)
+    dst = build_model(plan.dst_args, seed=123)
+    dst.load_state_dict(sd)
+    assert logit_diff(src, dst) <= 1e-4
+    w2 = sd["layers.0.feed_forward.w2.weight"]
+    assert not torch.allclose(w2[:, :32], w2[:, 48:80])  # unequal shares, yet exact
+
+
 def test_noise_seeded_and_off_by_default():
     a = src_args()
     t = a.replace(dim=64, n_heads=8, ffn_dim=96, head_dim=None).validate()
-    _, _, _, clean = grow(["fpi"], a, t)
+    _, _, _, clean = grow(["fpi"], a, t, opts=GrowthOptions(seed=3))  # the same split shares, no noise
     o = GrowthOptions(noise_std=1e-3, seed=3)
     _, _, _, n1 = grow(["fpi"], a, t, opts=o)
     _, _, _, n2 = grow(["fpi"], a, t, opts=o)

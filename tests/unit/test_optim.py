@@ -28,7 +28,7 @@ def test_wsd_is_flat_then_decays_over_the_last_fraction():
 
 def test_weight_decay_only_on_matrices():
     model = build_model(ModelArgs(dim=16, n_layers=1, n_heads=2, ffn_dim=32, vocab_size=32, qkv_bias=True,
-                                  n_experts=2, top_k=1))
+                                  n_experts=2, top_k=1, router_order="softmax_topk"))
     decay, no_decay = param_groups(model, 0.1)  # plain tensors: one group each
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3 + 3  # 3 norms + q/k/v biases

@@ -190,7 +190,7 @@ def test_redraw_uses_the_statistics_of_the_dropped_slice():
     dense = {"layers.0.feed_forward.w1.weight": 0.2 + 0.1 * torch.randn(512, 64, generator=g),
              "layers.0.feed_forward.w3.weight": -0.1 + 0.3 * torch.randn(512, 64, generator=g),
              "layers.0.feed_forward.w2.weight": 0.05 * torch.randn(64, 512, generator=g) + torch.linspace(0, 1, 512)}
-    _, sd = upcycle(src, dense, GrowthOptions(drop_ratio=0.5, seed=1), n_experts=2, top_k=1)
+    _, sd = upcycle(src, dense, GrowthOptions(drop_ratio=0.5, seed=1), n_experts=2, top_k=1, router_order="softmax_topk")
     for e in range(2):
         plan = drop_plan(1, 0, e, 512, 0.5, "shared")
         for w, t in _experts(sd).items():
@@ -235,6 +235,30 @@ def test_upcycled_model_exports_to_mixtral_with_the_same_logits(r, tmp_path):
     print(f"\nupcycled r={r} -> HF Mixtral: max |logit diff| = {(ours - ref).abs().max():.2e}")
     assert (ours - ref).abs().max() <= TOL
     assert ((ref - logits(dense)).abs().max() <= TOL) == (r == 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+@pytest.mark.parametrize("arch,r", [("mixtral", 0.0), ("mixtral", 0.5), ("qwen2_moe", 0.5)])
+def test_fine_grained_upcycling_exports_with_route_scale_folded_into_w_down(arch, r, tmp_path):
+    """G = 2 (route_scale 2): HF has no route_scale, export multiplies every expert's W_down by it."""
+    from transformers import AutoModelForCausalLM
+
+    from titan_aquila.checkpoint.storage import write_model_checkpoint
+    from titan_aquila.convert.hf import export_hf
+
+    src, dense = dense_model()
+    dst, sd = upcycle(src, dense.state_dict(), GrowthOptions(granularity=2, drop_ratio=r, router_init_std=0.3),
+                      n_experts=4, top_k=2, moe_ffn_dim=24)
+    assert dst.route_scale == 2.0
+    write_model_checkpoint(tmp_path / "ckpt", {k: materialize(v) for k, v in sd.items()}, dst, {})
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", arch=arch, log=lambda *_: None)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(TOKENS).logits
+    ours = logits(load(dst, sd))
+    print(f"\nfine-grained G=2 r={r} -> HF {arch}: max |logit diff| = {(ours - ref).abs().max():.2e}")
+    assert (ours - ref).abs().max() <= TOL
+    assert ((ours - logits(dense)).abs().max() <= TOL) == (r == 0)  # r = 0: exactly the dense model
 
 
 BAD = [  # (moe target fields, growth options, source overrides, expected message part)

@@ -97,6 +97,7 @@ def option_errors(cfg) -> list[str]:
     need(not g.enable or bool(g.source_path), "growth.source_path", "set when growth.enable is true")
     need(not g.enable or bool(g.methods), "growth.methods", "non-empty when growth.enable is true")
     need(g.noise_std >= 0, "growth.noise_std", ">= 0")
+    need(0 <= g.split_spread < 1, "growth.split_spread", "in [0, 1)")
     need(g.seed >= 0, "growth.seed", ">= 0")
     need(g.router_init_std >= 0, "growth.router_init_std", ">= 0")
     need(0 <= g.drop_ratio <= 1, "growth.drop_ratio", "in [0, 1]")

@@ -10,6 +10,9 @@ Routing maps exactly only where the math agrees:
     Qwen2-MoE  softmax over all, top-k, renormalised iff     norm_topk_prob = (router_order == 'topk_softmax')
                (renormalised top-k softmax == softmax of the top-k logits), shared expert sigmoid-gated.
 Our aux-loss-free `expert_bias` changes which experts are picked; HF has no such term, so export needs it zero.
+route_scale s (G after fine-grained upcycling of granularity G) has no HF field; the routed output is linear in each
+expert's down projection, s * sum_i w_i W2_i h_i(x) = sum_i w_i (s W2_i) h_i(x), so export folds it into the
+experts' W_down (`experts.w2` times s; the shared expert is not scaled by s and is left alone). Import reads s = 1.
 """
 
 from __future__ import annotations
@@ -97,8 +100,6 @@ def export_arch(args: ModelArgs, arch: str | None = None) -> str:
             raise UserError(f"{ARCH_CLASS[arch]} {'has' if arch == 'qwen2' else 'has no'} q/k/v bias but the model "
                             f"{'has' if args.qkv_bias else 'has no'}; use {'qwen2' if args.qkv_bias else 'llama'}")
         return arch
-    if args.route_scale != 1.0:
-        raise UserError(f"route_scale {args.route_scale} != 1 has no HF equivalent (Mixtral/Qwen2-MoE routing)")
     if args.n_shared_experts and not args.shared_expert_gate:
         raise UserError("a shared expert without shared_expert_gate has no HF equivalent: Qwen2-MoE always gates "
                         "its shared expert by sigmoid(x . w); train with model.shared_expert_gate = true to export")
@@ -186,6 +187,8 @@ def titan_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, arch: str, drop_ex
         if ours not in sd:
             raise UserError(f"checkpoint lacks tensor {ours}")
         t = sd[ours]
+        if ours.endswith("moe.experts.w2") and args.route_scale != 1.0:
+            t = t * args.route_scale  # fold the routing scale into W_down (module docstring)
         if isinstance(theirs, list):
             for e, name in enumerate(theirs):
                 hf[name] = t[e].contiguous()

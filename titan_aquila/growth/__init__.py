@@ -27,6 +27,9 @@ class GrowthOptions:
 
     noise_std: float = 0.0
     """Std of symmetry-breaking Gaussian noise added to copied weights (0 = exact copies)."""
+    split_spread: float = 0.5
+    """Exact symmetry breaking of width growth: copies' outgoing shares u / sum(u), u ~ U(1-s, 1+s) per element
+    (0 = equal 1/c shares, under which copies train identically); see growth/symmetry.py."""
     seed: int = 0
     """Seed of every random choice a transform makes (router init, Drop-Upcycling indices, noise)."""
     router_init_std: float = 0.02

@@ -37,9 +37,17 @@ Exact (`exact`, LEMON / G_random zero padding, any D >= d):  x' = [x, ..., x (k 
     RMSNorm'(x') = [RMSNorm(x) x k, 0] exactly (the plan returns norm_eps' = c * eps). Tied: final norm also / k.
     Heads and FFN as FPI (copies + 1/m, 1/e splits are exact for any ratio). With D a multiple of d it equals FPI.
 
+Symmetry breaking (default on, growth.split_spread = s in [0, 1), symmetry.py): every "/ c" (and "/ m", "/ e")
+    above is replaced by per-element shares alpha[o, i] = u[o, i] / sum_{i' copy of the same unit} u[o, i'] with
+    u ~ U(1 - s, 1 + s), so the copies' outgoing weights sum to the source weight (still exact: the copies carry
+    equal values) but differ, and the copies get different gradients. Tied: the final norm carries the split,
+    gamma'_i = gamma_g(i) * alpha_i. `exact` padding: producers stay 0, consumer columns ~ N(0, std(W)^2), padded
+    gamma = mean unit gamma (exact at step 0, and the padding learns). s = 0 restores the equal 1/c split and the
+    all-zero padding, under which copies train identically forever.
+
 Noise (growth.noise_std = s > 0, off by default): after growth every 2-D weight W gets + N(0, s^2) (absolute std, as
     in `upcycle`), drawn from a generator seeded by (growth.seed, crc32(tensor name)), so reruns are identical.
-    Noise breaks exactness.
+    Noise breaks exactness; it is an extra on top of the split.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import torch
 from titan_aquila.errors import UserError
 from titan_aquila.growth import GrowthMethod, GrowthOptions, register
 from titan_aquila.growth.maps import UnitMap, cyclic_map, head_map, new_heads, padded_map
+from titan_aquila.growth.symmetry import fill_padding_gamma_, generator, init_padding_columns_, split_
 from titan_aquila.models.args import ModelArgs
 
 FIELDS = ("dim", "n_heads", "ffn_dim", "n_kv_heads", "head_dim", "norm_eps", "moe_ffn_dim")
@@ -81,6 +90,7 @@ def keep_eps(name: str, before: ModelArgs, target: ModelArgs) -> ModelArgs:
 def plan_width(mode: str, before: ModelArgs, target: ModelArgs, opts: GrowthOptions) -> ModelArgs:
     check_dense(mode, before)
     _need(opts.noise_std >= 0, f"{mode}: growth.noise_std must be >= 0, got {opts.noise_std}")
+    _need(0 <= opts.split_spread < 1, f"{mode}: growth.split_spread must be in [0, 1), got {opts.split_spread}")
     hd = before.head_dim
     _need(target.n_kv_heads == before.n_kv_heads,
           f"{mode}: n_kv_heads must stay {before.n_kv_heads} (got {target.n_kv_heads}); width growth adds query "
@@ -109,7 +119,7 @@ def plan_width(mode: str, before: ModelArgs, target: ModelArgs, opts: GrowthOpti
 
 # ---- apply ----------------------------------------------------------------------------------------------------
 class _Maps:
-    def __init__(self, mode: str, a: ModelArgs, b: ModelArgs):
+    def __init__(self, mode: str, a: ModelArgs, b: ModelArgs, opts: GrowthOptions):
         self.g: UnitMap = (padded_map if mode == "exact" else cyclic_map)(a.dim, b.dim)
         self.h = cyclic_map(a.ffn_dim, b.ffn_dim)
         self.q = head_map(a.n_heads, b.n_heads, a.n_kv_heads).expand(a.head_dim)
@@ -118,6 +128,15 @@ class _Maps:
         k = b.dim // a.dim
         self.norm_scale = math.sqrt(k * a.dim / b.dim) if mode == "exact" else 1.0
         self.k = k
+        self.seed, self.spread = opts.seed, opts.split_spread
+
+    def gen(self, purpose: str, name: str) -> torch.Generator | None:
+        """The generator of one tensor's draws; None when symmetry breaking is off (split_spread = 0)."""
+        return generator(self.seed, purpose, name) if self.spread > 0 else None
+
+    def split(self, w: torch.Tensor, g: UnitMap, name: str) -> torch.Tensor:
+        """Columns of w read the copies of g: unequal shares summing to 1 per source unit (symmetry.py)."""
+        return split_(w, g, 1, self.spread, self.gen("split", name))
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -137,9 +156,10 @@ def _scale_(w: torch.Tensor, factor: torch.Tensor, dim: int) -> torch.Tensor:
     return w.mul_(factor.to(w.dtype).view(shape))
 
 
-def _consume(w: torch.Tensor, g: UnitMap) -> torch.Tensor:
-    """Columns (in-dimension) read the replicated stream: W[:, g(i)] / c_g(i) (zero on padding)."""
-    return _scale_(w.index_select(1, g.src), g.inv_mult, 1)
+def _consume(w: torch.Tensor, m: _Maps, name: str) -> torch.Tensor:
+    """Columns (in-dimension) read the replicated stream: W[:, g(i)] * alpha (random columns on padding)."""
+    out = m.split(w.index_select(1, m.g.src), m.g, name)
+    return init_padding_columns_(out, w, m.g, m.gen("pad", name))
 
 
 def _produce(w: torch.Tensor, g: UnitMap) -> torch.Tensor:
@@ -147,25 +167,32 @@ def _produce(w: torch.Tensor, g: UnitMap) -> torch.Tensor:
     return _scale_(w.index_select(0, g.src), g.live, 0)
 
 
-def _norm(w: torch.Tensor, m: _Maps, extra: float = 1.0) -> torch.Tensor:
-    return w[m.g.src] * m.g.live.to(w.dtype) * (m.norm_scale / extra)
+def _norm(w: torch.Tensor, m: _Maps, name: str, tied_output: bool = False) -> torch.Tensor:
+    """gamma'_i = sqrt(c) gamma_g(i) (padding: the mean unit gamma); a tied final norm also carries the output's
+    split, gamma'_i * alpha_i with sum over the copies of alpha = 1 (symmetry.py)."""
+    out = w[m.g.src] * m.g.live.to(w.dtype) * m.norm_scale
+    if tied_output:
+        out = split_(out, m.g, 0, m.spread, m.gen("split", name))
+    return fill_padding_gamma_(out, m.g, m.spread > 0)
 
 
-def grow_layer(sd: dict, l: int, m: _Maps, bias: bool) -> dict[str, torch.Tensor]:
-    """FPI/exact tensors of layer l (names relative to `layers.{l}.`), computed in _work_dtype."""
-    p = f"layers.{l}."
-    get = lambda n: sd[p + n].to(_work_dtype(sd[p + n]))  # noqa: E731
-    out = {"attention_norm.weight": _norm(get("attention_norm.weight"), m),
-           "ffn_norm.weight": _norm(get("ffn_norm.weight"), m),
-           "attention.wq.weight": _consume(get("attention.wq.weight").index_select(0, m.q.src), m.g),
-           "attention.wk.weight": _consume(get("attention.wk.weight"), m.g),
-           "attention.wv.weight": _consume(get("attention.wv.weight"), m.g),
-           "attention.wo.weight": _scale_(_produce(get("attention.wo.weight"), m.g).index_select(1, m.q.src),
-                                          m.q.inv_mult, 1),
-           "feed_forward.w1.weight": _consume(get("feed_forward.w1.weight").index_select(0, m.h.src), m.g),
-           "feed_forward.w3.weight": _consume(get("feed_forward.w3.weight").index_select(0, m.h.src), m.g),
-           "feed_forward.w2.weight": _scale_(_produce(get("feed_forward.w2.weight"), m.g).index_select(1, m.h.src),
-                                             m.h.inv_mult, 1)}
+def grow_layer(sd: dict, l: int, m: _Maps, bias: bool, shares_of: int | None = None) -> dict[str, torch.Tensor]:
+    """FPI/exact tensors of layer l (names relative to `layers.{l}.`), computed in _work_dtype. The split shares
+    are those of layer `shares_of` (default l): AKI's donor layer l+1 is grown with layer l's shares, so a unit's
+    own copy and its donated copy still split one set of shares (AKI = FPI wherever layers l and l+1 agree)."""
+    get = lambda n: sd[f"layers.{l}.{n}"].to(_work_dtype(sd[f"layers.{l}.{n}"]))  # noqa: E731
+    p = f"layers.{l if shares_of is None else shares_of}."  # names the generators of the shares
+    out = {"attention_norm.weight": _norm(get("attention_norm.weight"), m, p + "attention_norm.weight"),
+           "ffn_norm.weight": _norm(get("ffn_norm.weight"), m, p + "ffn_norm.weight")}
+    for n in ("attention.wk.weight", "attention.wv.weight"):
+        out[n] = _consume(get(n), m, p + n)
+    out["attention.wq.weight"] = _consume(get("attention.wq.weight").index_select(0, m.q.src), m, p + "attention.wq.weight")
+    for n in ("feed_forward.w1.weight", "feed_forward.w3.weight"):  # gate and up share h (the same units)
+        out[n] = _consume(get(n).index_select(0, m.h.src), m, p + n)
+    out["attention.wo.weight"] = m.split(_produce(get("attention.wo.weight"), m.g).index_select(1, m.q.src), m.q,
+                                         p + "attention.wo.weight")
+    out["feed_forward.w2.weight"] = m.split(_produce(get("feed_forward.w2.weight"), m.g).index_select(1, m.h.src),
+                                            m.h, p + "feed_forward.w2.weight")
     if bias:
         out["attention.wq.bias"] = get("attention.wq.bias")[m.q.src]
         out["attention.wk.bias"] = get("attention.wk.bias")
@@ -200,23 +227,24 @@ def add_noise(sd: dict, names, opts: GrowthOptions) -> None:
 
 
 def apply_width(mode: str, a: ModelArgs, sd: dict, b: ModelArgs, opts: GrowthOptions) -> dict:
-    m = _Maps(mode, a, b)
+    m = _Maps(mode, a, b, opts)
     dtype_of = {n: t.dtype for n, t in sd.items()}
     out: dict[str, torch.Tensor] = {}
-    nxt = grow_layer(sd, 0, m, a.qkv_bias)
     for l in range(a.n_layers):  # layer by layer: at most two grown layers alive (AKI needs l+1)
-        cur, nxt = nxt, (grow_layer(sd, l + 1, m, a.qkv_bias) if l + 1 < a.n_layers else None)
-        layer = _aki_splice(cur, nxt, m) if mode == "aki" and nxt is not None else cur
+        layer = grow_layer(sd, l, m, a.qkv_bias)
+        if mode == "aki" and l + 1 < a.n_layers:
+            layer = _aki_splice(layer, grow_layer(sd, l + 1, m, a.qkv_bias, shares_of=l), m)
         for n, t in layer.items():
             out[f"layers.{l}.{n}"] = t.to(dtype_of[f"layers.{l}.{n}"])
     emb = sd["tok_embeddings.weight"]
     out["tok_embeddings.weight"] = _scale_(emb.to(_work_dtype(emb)).index_select(1, m.g.src), m.g.live, 1).to(
         emb.dtype)  # a producer copy along the hidden (column) dimension
     norm = sd["norm.weight"]
-    out["norm.weight"] = _norm(norm.to(_work_dtype(norm)), m, m.k if a.tie_embeddings else 1.0).to(norm.dtype)
+    out["norm.weight"] = _norm(norm.to(_work_dtype(norm)), m, "norm.weight", tied_output=a.tie_embeddings).to(
+        norm.dtype)
     if not a.tie_embeddings:
         w = sd["output.weight"]
-        out["output.weight"] = _consume(w.to(_work_dtype(w)), m.g).to(w.dtype)
+        out["output.weight"] = _consume(w.to(_work_dtype(w)), m, "output.weight").to(w.dtype)
     missing = set(sd) - set(out)
     assert not missing, f"width growth dropped {sorted(missing)}"
     add_noise(out, list(out), opts)

@@ -114,6 +114,10 @@ class ModelArgs:
         if self.n_experts > 0:
             need(1 <= self.top_k <= self.n_experts,
                  f"model.top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
+            need(not (self.top_k == 1 and self.router_order == "topk_softmax"),
+                 "model.top_k = 1 with router_order 'topk_softmax' weighs every token's one expert by a softmax over "
+                 "one logit (always 1), so the router never gets a gradient; use router_order = 'softmax_topk' "
+                 "(Switch: weight p_i) or top_k >= 2")
             need(self.moe_layer_step >= 1, f"model.moe_layer_step must be >= 1, got {self.moe_layer_step}")
             need(self.moe_ffn_dim >= 1, f"model.moe_ffn_dim must be >= 1, got {self.moe_ffn_dim}")
             need(self.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {self.n_shared_experts}")
