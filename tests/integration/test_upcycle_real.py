@@ -92,5 +92,7 @@ def test_smollm2_upcycled_to_8x_top2_keeps_the_dense_loss(tmp_path):
           f"  8x top-2 Drop-Upcycling r=0.5 loss {drop_loss:.5f}; experts used in layers 0/15/29: {routed}")
     assert 2.5 < dense_loss < 5.0  # a real model (random init would be ln 49152 = 10.8)
     assert abs(moe_loss - dense_loss) <= 1e-5 and diff <= 1e-4
-    assert drop_loss > dense_loss + 0.05
+    # Seeded draws (growth.seed 0): half of every expert's units re-drawn in all 30 layers breaks SmolLM2 (massive
+    # activations, docs/growth.md) to above ln V = 10.80; a wrong index set, statistic or seed moves this number.
+    assert abs(drop_loss - 12.054) < 0.01
     assert min(routed) >= 3  # the random router spreads tokens over the copies
