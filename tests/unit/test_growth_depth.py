@@ -37,7 +37,14 @@ def test_stack_interpolate_copy_layers(method, expected):
         for n in ("attention.wq.weight", "feed_forward.w2.weight", "ffn_norm.weight"):
             assert torch.equal(sd[f"layers.{l}.{n}"], ssd[f"layers.{s}.{n}"])
     assert sd["layers.2.attention.wq.weight"].data_ptr() != sd["layers.0.attention.wq.weight"].data_ptr()
-    assert logit_diff(src, dst) > 1e-3  # duplicated blocks are not function-preserving
+    assert logit_diff(src, dst) > 1e-3  # duplicated blocks are not function-preserving ...
+    tokens = torch.randint(0, a.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # ... they are the source's own blocks run in the order of the map
+        h, cos, sin = src.tok_embeddings(tokens), src.rope_cos[:24], src.rope_sin[:24]
+        for s in expected:
+            h, _ = src.layers[str(s)](h, cos, sin)
+        want = src.output(src.norm(h))
+        assert (dst(tokens)[0] - want).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -74,11 +74,25 @@ def test_fpi_mha_and_odd_head_ratio_exact():
 
 
 def test_fpi_non_integer_ratio_drifts():
+    """32 -> 48: units 0..15 are copied twice, 16..31 once. The drift is exactly the RMSNorm statistics: the first
+    norm's output is the source's, replicated, times sqrt(mean(x^2) + eps) / sqrt(mean_c(x^2) + eps) per token, with
+    mean_c(x^2) = (1/D) sum_j c_j x_j^2."""
     a = src_args()
     src, dst, _, _ = grow(["fpi"], a, a.replace(dim=48, n_heads=6, head_dim=None).validate())
     d = logit_diff(src, dst)
     print(f"fpi 32 -> 48: max|dlogit| = {d:.2e}")
     assert d > 1e-3
+    tokens = torch.arange(20)[None]
+    g = torch.arange(48) % 32
+    c = torch.bincount(g, minlength=32).float()
+    with torch.no_grad():
+        x = src.tok_embeddings(tokens)
+        assert torch.equal(dst.tok_embeddings(tokens), x[..., g])  # the stream is an exact replica
+        eps = a.norm_eps
+        factor = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() / ((x.pow(2) * c).sum(-1, keepdim=True) / 48 + eps).sqrt()
+        want = src.layers["0"].attention_norm(x)[..., g] * factor
+        got = dst.layers["0"].attention_norm(x[..., g])
+    assert (got - want).abs().max() <= 1e-5 and (factor - 1).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("tie", [False, True])
