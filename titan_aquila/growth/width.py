@@ -28,6 +28,8 @@ AKI (`aki`, bert2BERT Advanced Knowledge Initialization, as AquilaMoE applies it
                                (already / m_pi(t)) of head t from layer l+1;
         hidden (residual-stream) units, embeddings, norms, k/v: FPI (the residual stream stays a replicated copy, so
                                the norms keep their statistics).
+    The donor layer l+1 is grown with layer l's split shares (below), so own and donated copies of a unit share one
+    set of shares summing to 1: AKI equals FPI wherever layers l and l+1 are equal.
     The top layer (no l+1) is plain FPI (zxhcelestes/bert2BERT fallback). AKI equals FPI on every old unit and is
     not function-preserving (the new units' w2/wo contributions come from another layer).
 
@@ -186,7 +188,8 @@ def grow_layer(sd: dict, l: int, m: _Maps, bias: bool, shares_of: int | None = N
            "ffn_norm.weight": _norm(get("ffn_norm.weight"), m, p + "ffn_norm.weight")}
     for n in ("attention.wk.weight", "attention.wv.weight"):
         out[n] = _consume(get(n), m, p + n)
-    out["attention.wq.weight"] = _consume(get("attention.wq.weight").index_select(0, m.q.src), m, p + "attention.wq.weight")
+    out["attention.wq.weight"] = _consume(get("attention.wq.weight").index_select(0, m.q.src), m,
+                                          p + "attention.wq.weight")
     for n in ("feed_forward.w1.weight", "feed_forward.w3.weight"):  # gate and up share h (the same units)
         out[n] = _consume(get(n).index_select(0, m.h.src), m, p + n)
     out["attention.wo.weight"] = m.split(_produce(get("attention.wo.weight"), m.g).index_select(1, m.q.src), m.q,
