@@ -251,7 +251,7 @@ def test_fine_grained_upcycling_exports_with_route_scale_folded_into_w_down(arch
                       n_experts=4, top_k=2, moe_ffn_dim=24)
     assert dst.route_scale == 2.0
     write_model_checkpoint(tmp_path / "ckpt", {k: materialize(v) for k, v in sd.items()}, dst, {})
-    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", arch=arch, dtype="float32", log=lambda *_: None)
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", arch=arch, dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(TOKENS).logits
