@@ -254,9 +254,7 @@ class MoE:
     """'router_lse' = mean(logsumexp(router logits)²) (ST-MoE/Megatron), 'router_max' = mean(max router
     logit²), 'output_max' = mean(max LM-head logit²) (Baichuan 2)."""
     aux_loss_reduction: Literal["sum", "mean"] = "sum"
-    """How the MoE layers' load-balancing and router z-losses combine: 'sum' adds every layer's term (Megatron /
-    FlagScale, AquilaMoE's ×0.001 and ×0.01 are per layer), loss = CE + Σ_l (coeff_lb·lb_l + coeff_z·z_l);
-    'mean' averages them over the MoE layers (n_L times weaker on an n_L-layer MoE)."""
+    """'sum': each MoE layer adds its own load-balance and z-loss terms (Megatron, FlagScale); 'mean': their average."""
     bias_update_rate: float = 0.0
     """Step γ of DeepSeek-V3 aux-loss-free balancing: after each step every expert's routing bias moves ±γ
     towards balance; 0 = off."""
@@ -283,10 +281,7 @@ class Growth:
     noise_std: float = 0.0
     """Std of Gaussian noise added to grown weights to break symmetry (0 = none; not exact)."""
     split_spread: float = 0.5
-    """Exact symmetry breaking of width growth (fpi, aki, exact, aki_pro): each copy of a duplicated unit gets an
-    unequal share u / sum(u), u ~ U(1-s, 1+s), of the outgoing weights (the shares sum to the original, so the
-    model is unchanged) and `exact`'s padding gets random consumer columns and a non-zero norm weight; 0 = equal
-    shares and zero padding, under which the copies train identically forever. In [0, 1)."""
+    """Width growth: copies' outgoing shares u/Σu, u ~ U(1-s, 1+s), exact (docs/growth.md); 0 = equal shares."""
     seed: int = 0
     """Random seed of the growth transforms (noise, router init, dropped indices)."""
     router_init_std: float = 0.02
