@@ -97,6 +97,7 @@ def test_tmp_dirs_never_latest_keep_latest_k_and_cleanup(tmp_path):
     for f in (folder / "step-6").iterdir():
         (stale / f.name).write_bytes(f.read_bytes())
     assert latest_checkpoint(folder).name == "step-6"
+    t.ckpt.close()  # the restart below is another run: the first one releases the folder
     u = Trainer(make_cfg(tmp_path, keep_latest_k=2))
     assert u.ckpt.load() == 6
     assert not stale.exists()  # cleaned on start

@@ -20,18 +20,18 @@ Resuming at the same world size and layout is bit-exact: every one of those is r
 model and optimizer are resharded by DCP, but data position and RNG are rank-local: when the data-parallel degree
 changed the data loader restarts from the beginning of the data (a message says so).
 
-Test hook: env TITAN_AQUILA_TEST_KILL_DURING_SAVE=N makes the process SIGKILL itself while saving step N, after
-the DCP shards are written but before the JSON files and the commit rename: the half-written step-N.tmp-* must
-never be loaded (tests/integration/test_resume.py).
+Test hook: env TITAN_AQUILA_TEST_KILL_DURING_SAVE=N[:SIGNAL] makes the process send itself SIGKILL (or SIGNAL)
+while saving step N, after the DCP shards are written but before the JSON files and the commit rename: the
+half-written step-N.tmp-* must never be loaded (tests/integration/test_resume.py, test_bad_input.py).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -40,30 +40,22 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from titan_aquila.checkpoint.dcp_io import ChecksumWriter, quiet_dcp
+from titan_aquila.checkpoint.folder import FolderLock, claim_run_folder, save_error
 from titan_aquila.checkpoint.storage import (JOB_CONFIG, METADATA, MODEL_ARGS, args_diff, check_integrity, commit,
-                                        dcp_keys, from_blob, latest_checkpoint, prune, read_checkpoint_args,
-                                        read_json, remove_stale_tmp, resolve_checkpoint_dir, to_blob, write_json)
+                                        dcp_keys, dcp_load, from_blob, latest_checkpoint, prune, read_checkpoint_args,
+                                        read_json, remove_stale_tmp, resolve_checkpoint_dir, tmp_token, to_blob,
+                                        write_json)
 from titan_aquila.checkpoint.lineage import copy_files
 from titan_aquila.checkpoint.weights import load_model_weights
 from titan_aquila.growth.loader import load_grown_weights, resolve_growth  # noqa: F401
 from titan_aquila.errors import UserError
 from titan_aquila.logging import logger
+from titan_aquila.interrupts import deferred_interrupts
 from titan_aquila.models.args import ModelArgs
 
 __all__ = ["CheckpointManager", "read_checkpoint_args", "load_model_weights", "resolve_growth"]
 KILL_HOOK = "TITAN_AQUILA_TEST_KILL_DURING_SAVE"
-
-
-class _Quiet(warnings.catch_warnings):
-    def __init__(self, active: bool):
-        super().__init__()
-        self.active = active
-
-    def __enter__(self):
-        out = super().__enter__()
-        if self.active:
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        return out
 
 
 class CheckpointManager:
@@ -83,12 +75,13 @@ class CheckpointManager:
         self.pg = dist.new_group(backend="gloo") if self.distributed else None
         self.dp_rank_of_rank = self._all_gather_int(self.dp_rank)
         self.parallel_layout = repr(parallel_dims) if parallel_dims is not None else None
-        self._pending = None  # (future, tmp, final, step, model_only) of an async save in flight
+        self._pending = None  # (future, writer, tmp, final, step, model_only) of an async save in flight
         # What an export needs besides weights (checkpoint/lineage.py): set by the trainer after load; the last
         # stage is this run's, completed with the step and tokens at every save.
         self.lineage: dict | None = None
         self.lineage_files: dict[str, Path] = {}
         self._last_saved: int | None = None
+        self._lock: FolderLock | None = None
 
     # ---- small collectives on our gloo group -----------------------------------------------------------------
     def _all_gather_int(self, x: int) -> list[int]:
@@ -102,15 +95,29 @@ class CheckpointManager:
         if self.distributed:
             dist.barrier(group=self.pg)
 
-    def _token(self) -> str:
-        t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if self.rank == 0 else torch.zeros(1, dtype=torch.int64)
+    def _from_rank0(self, obj):
+        box = [obj]
         if self.distributed:
-            dist.broadcast(t, src=0, group=self.pg)
-        return f"{int(t):08x}"
+            dist.broadcast_object_list(box, src=0, group=self.pg)
+        return box[0]
+
+    def _prepare_folder(self) -> None:
+        """Before step 1: lock the dump folder (one run per folder); the checkpoint folder must be writable, with
+        room for one checkpoint (model + AdamW's two moments, fp32)."""
+        error = None
+        if self.rank == 0:
+            try:
+                self._lock = claim_run_folder(self.cfg.job.dump_folder, self.folder,
+                                              self.model_args.num_params() * 4 * (3 if self.optimizer else 1))
+            except UserError as e:
+                error = str(e)
+        error = self._from_rank0(error)  # every rank stops (only rank 0 prints), none waits in a collective
+        if error:
+            raise UserError(error)
 
     def _quiet(self):
         """Without a process group DCP warns that it assumes one process: that is the intent here."""
-        return _Quiet(not self.distributed)
+        return quiet_dcp(not self.distributed)
 
     def _log(self, msg: str) -> None:
         logger.info(f"[checkpoint] {msg}")
@@ -119,6 +126,16 @@ class CheckpointManager:
     def load(self) -> int:
         """Restore state and return the last completed step (0 for a fresh start). Order: a complete checkpoint in
         the run folder (resume) > checkpoint.initial_load_path > growth.source_path (+ transform) > nothing."""
+        if self.cfg.checkpoint.enable:
+            self._prepare_folder()
+        try:
+            return self._load()
+        except UserError:  # bad input: leave no trace (the folders this run created, its lock)
+            if self._lock is not None:
+                self._lock.release(cleanup=True)
+            raise
+
+    def _load(self) -> int:
         ck, g = self.cfg.checkpoint, self.cfg.growth
         if self.rank == 0:
             for p in remove_stale_tmp(self.folder):
@@ -137,7 +154,9 @@ class CheckpointManager:
         return 0
 
     def _load_from(self, path: Path, model_only: bool, resume: bool) -> int:
-        check_integrity(path)
+        check_integrity(path, self.cfg.checkpoint.verify_checksums)
+        if not self.cfg.checkpoint.verify_checksums:
+            self._log(f"checksums of {path.name} not verified (checkpoint.verify_checksums = false)")
         saved = read_checkpoint_args(path)
         diff = args_diff(saved, self.model_args)
         if diff:
@@ -174,11 +193,8 @@ class CheckpointManager:
                 blobs.append(dl_key)
             rng_keys = self._rng_keys(meta, keys)
         state.update({k: torch.empty(tuple(keys[k].size), dtype=torch.uint8) for k in blobs + rng_keys})
-        try:
-            with self._quiet():
-                dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # a shard that is unreadable despite the size checks
-            raise UserError(f"cannot load checkpoint {path}: {str(e).strip().splitlines()[0][:300]}") from None
+        with self._quiet():
+            dcp_load(state, path)  # a shard unreadable despite the checks: one line naming it
         set_model_state_dict(self.model, state["model"])
         step = int(meta.get("step", 0))
         if not model_only:
@@ -232,22 +248,32 @@ class CheckpointManager:
     def save(self, step: int, model_only: bool = False) -> None:
         self.wait()
         self._log(f"saving step {step}{' (model only)' if model_only else ''} to {self.folder}")
-        tmp = self.folder / f"step-{step}.tmp-{self._token()}"
+        tmp = self.folder / f"step-{step}.tmp-{self._from_rank0(tmp_token())}"  # unique to this process
         state = self._state_dict(step, model_only)
         if self.rank == 0:
             tmp.mkdir(parents=True, exist_ok=True)
         self._barrier()
         t0 = time.perf_counter()
-        if self.cfg.checkpoint.async_mode == "async" and not model_only:
-            with self._quiet():
-                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg)
-            self._pending = (fut, tmp, self.folder / f"step-{step}", step, model_only)
-            self._log(f"step {step}: async save started ({time.perf_counter() - t0:.2f}s blocking)")
-        else:
-            with self._quiet():
-                dcp.save(state, checkpoint_id=str(tmp))
-            self._finish(tmp, self.folder / f"step-{step}", step, model_only, t0)
+        writer = ChecksumWriter(str(tmp))
+        try:
+            if self.cfg.checkpoint.async_mode == "async" and not model_only:
+                with self._quiet():
+                    fut = dcp.async_save(state, storage_writer=writer, process_group=self.pg)
+                self._pending = (fut, writer, tmp, self.folder / f"step-{step}", step, model_only)
+                self._log(f"step {step}: async save started ({time.perf_counter() - t0:.2f}s blocking)")
+            else:
+                with self._quiet():
+                    dcp.save(state, storage_writer=writer)
+                self._finish(writer, tmp, self.folder / f"step-{step}", step, model_only, t0)
+        except BaseException as e:
+            self._abandon(e, writer, tmp, step)
         self._last_saved = step
+
+    def _abandon(self, e: BaseException, writer: ChecksumWriter, tmp: Path, step: int) -> None:
+        """A failed or interrupted save: remove its temp folder (the last committed checkpoint stays the latest);
+        re-raise an interrupt, anything else becomes one line with the OS reason."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(e, writer.errors, f"cannot save checkpoint step-{step} in {self.folder}") from None
 
     def _state_dict(self, step: int, model_only: bool) -> dict:
         msd = get_model_state_dict(self.model)
@@ -268,11 +294,15 @@ class CheckpointManager:
             state[f"rng.rank{self.rank}.cuda"] = torch.cuda.get_rng_state()
         return state
 
-    def _finish(self, tmp: Path, final: Path, step: int, model_only: bool, t0: float) -> None:
+    def _finish(self, writer: ChecksumWriter, tmp: Path, final: Path, step: int, model_only: bool, t0: float) -> None:
         """All shards are written: add the JSON files, then rank 0 commits by renaming (after a barrier)."""
-        if os.environ.get(KILL_HOOK) == str(step):
+        hook_step, _, hook_signal = os.environ.get(KILL_HOOK, "").partition(":")
+        if hook_step == str(step):
             sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, hook_signal or "SIGKILL"))
+        checksums = [writer.checksums] * self.world  # every rank's shard digests, merged on rank 0
+        if self.distributed:
+            dist.all_gather_object(checksums, writer.checksums, group=self.pg)
         if self.rank == 0:
             if self.lineage is not None:
                 run = self.lineage["stages"][-1]
@@ -285,11 +315,13 @@ class CheckpointManager:
                 "dp_rank_of_rank": self.dp_rank_of_rank, "parallel_layout": self.parallel_layout,
                 "parallelism": self.cfg.to_dict().get("parallelism"), "model_only": model_only,
                 "dtype": self.cfg.checkpoint.export_dtype if model_only else None,
+                "checksums": {k: v for c in checksums for k, v in c.items()},
                 "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "lineage": self.lineage})
         self._barrier()
         if self.rank == 0:
-            commit(tmp, final)
+            with deferred_interrupts():  # the renames of a commit are never cut in half
+                commit(tmp, final)
             for p in prune(self.folder, self.cfg.checkpoint.keep_latest_k):
                 self._log(f"removed old checkpoint {p.name}")
             remove_stale_tmp(self.folder)
@@ -299,11 +331,16 @@ class CheckpointManager:
     def wait(self) -> None:
         """Finish an async save in flight (its rename happens here, on the main thread)."""
         if self._pending is not None:
-            fut, tmp, final, step, model_only = self._pending
+            fut, writer, tmp, final, step, model_only = self._pending
             self._pending = None
             t0 = time.perf_counter()
-            fut.result()
-            self._finish(tmp, final, step, model_only, t0)
+            try:
+                fut.result()
+                self._finish(writer, tmp, final, step, model_only, t0)
+            except BaseException as e:
+                self._abandon(e, writer, tmp, step)
 
     def close(self) -> None:
         self.wait()
+        if self._lock is not None:
+            self._lock.release()

@@ -23,19 +23,23 @@ import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
+from torch.distributed.checkpoint.api import CheckpointException
+
+from titan_aquila.checkpoint.dcp_io import (DCP_METADATA, ChecksumWriter, SafeReader, load_error_line, load_metadata,
+                                            verify_checksums)
 from titan_aquila.errors import UserError
 from titan_aquila.models.args import RUNTIME_FIELDS, ModelArgs
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 TMP_RE = re.compile(r"^step-(\d+)\.tmp-")
 MODEL_ARGS, JOB_CONFIG, METADATA = "model_args.json", "job_config.json", "metadata.json"
-DCP_METADATA = ".metadata"
 
 
 # ---- layout ------------------------------------------------------------------------------------------------
@@ -71,17 +75,13 @@ def resolve_checkpoint_dir(path: str | Path, what: str = "checkpoint") -> Path:
     return latest
 
 
-def check_integrity(step_dir: Path) -> None:
-    """UserError when the DCP files are missing or truncated: the `.metadata`, or a shard it names, or a shard
-    shorter than the bytes the metadata says it holds."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+def check_integrity(step_dir: Path, verify: bool = True) -> None:
+    """UserError when the DCP files are missing, truncated or corrupt: the `.metadata` (read without executing
+    anything, see dcp_io.py), a shard it names, a shard shorter than the bytes the metadata says it holds, or (with
+    `verify`) a file whose checksum differs from the one metadata.json recorded when it was written."""
     if not (step_dir / DCP_METADATA).is_file():
         raise UserError(f"checkpoint {step_dir} is incomplete or corrupt: {DCP_METADATA} is missing")
-    try:
-        md = FileSystemReader(str(step_dir)).read_metadata()
-    except Exception as e:  # truncated pickle, wrong format
-        raise UserError(f"checkpoint {step_dir} is corrupt: cannot read {DCP_METADATA} ({type(e).__name__})") from None
+    md = load_metadata(step_dir / DCP_METADATA)
     need: dict[str, int] = {}
     for info in (md.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
@@ -92,13 +92,26 @@ def check_integrity(step_dir: Path) -> None:
         if f.stat().st_size < size:
             raise UserError(f"checkpoint {step_dir} is corrupt: shard {name} is truncated "
                             f"({f.stat().st_size} < {size} bytes)")
+    if verify and (step_dir / METADATA).is_file():
+        sums = read_json(step_dir / METADATA, f"checkpoint {step_dir} metadata").get("checksums")
+        if sums:  # absent in checkpoints written before checksums were recorded
+            verify_checksums(step_dir, sums)
 
 
 def dcp_keys(step_dir: Path) -> dict:
     """Flattened DCP key -> storage metadata (has `.size` and `.properties.dtype` for tensors)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    return load_metadata(step_dir / DCP_METADATA).state_dict_metadata
 
-    return FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+
+def dcp_load(state: dict, step_dir: Path, **kw) -> None:
+    """`dcp.load` through SafeReader; any failure (DCP raises CheckpointException, a BaseException) becomes one
+    UserError line naming the checkpoint and, where known, the shard."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(step_dir)), **kw)
+    except (Exception, CheckpointException) as e:
+        raise UserError(f"cannot load checkpoint {step_dir}: {load_error_line(e)}") from None
 
 
 # ---- JSON side files ---------------------------------------------------------------------------------------
@@ -234,20 +247,18 @@ def from_blob(t: torch.Tensor):
 
 
 # ---- whole-model reads (single process, no process group needed) ------------------------------------------
-def read_model_state_dict(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+def read_model_state_dict(path: str | Path, prefix: str = "model.", verify: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor under `prefix` as a full plain tensor, on CPU, in its stored dtype (for growth sources and
     conversion). Works with or without an initialised process group and at any world size."""
-    import torch.distributed.checkpoint as dcp
-
     step_dir = resolve_checkpoint_dir(path)
-    check_integrity(step_dir)
+    check_integrity(step_dir, verify)
     sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
           for k, m in dcp_keys(step_dir).items() if k.startswith(prefix) and hasattr(m, "size")}
     if not sd:
         raise UserError(f"checkpoint {step_dir} holds no model weights (no '{prefix}*' tensors)")
     with warnings.catch_warnings():  # "torch.distributed ... uninitialized, assuming ... a single process": intended
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(sd, checkpoint_id=str(step_dir), no_dist=True)
+        dcp_load(sd, step_dir, no_dist=True)
     return {k[len(prefix):]: v for k, v in sd.items()}
 
 
@@ -267,26 +278,35 @@ def write_model_checkpoint(out_dir: Path, sd: dict[str, torch.Tensor], args: Mod
     `files` ({relative name: source file}, e.g. the tokenizer) are copied in before the rename."""
     import torch.distributed.checkpoint as dcp
 
+    from titan_aquila.checkpoint.folder import FolderLock, save_error
+
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out_dir)
-    tmp = out_dir / f"step-0.tmp-{os.getpid():x}"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": sd, "step": torch.tensor(0, dtype=torch.int64)}, checkpoint_id=str(tmp), no_dist=True)
-        write_json(tmp / MODEL_ARGS, args.to_dict())
-        write_json(tmp / METADATA, {"step": 0, "world_size": 1, "model_only": True,
-                                    "torch_version": torch.__version__, **meta})
-        for name, src in (files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / name)
-        if overwrite:
-            for _, p in step_dirs(out_dir):
-                shutil.rmtree(p)
-        commit(tmp, out_dir / "step-0")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with FolderLock(out_dir, "output folder"):  # no second writer can be in here: its temp folders are stale
+        remove_stale_tmp(out_dir)
+        tmp = out_dir / f"step-0.tmp-{tmp_token()}"
+        writer = ChecksumWriter(str(tmp))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.save({"model": sd, "step": torch.tensor(0, dtype=torch.int64)}, storage_writer=writer,
+                         no_dist=True)
+            write_json(tmp / MODEL_ARGS, args.to_dict())
+            write_json(tmp / METADATA, {"step": 0, "world_size": 1, "model_only": True, "checksums": writer.checksums,
+                                        "torch_version": torch.__version__, **meta})
+            for name, src in (files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp / name)
+            if overwrite:
+                for _, p in step_dirs(out_dir):
+                    shutil.rmtree(p)
+            commit(tmp, out_dir / "step-0")
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise save_error(e, writer.errors, f"cannot write checkpoint {out_dir / 'step-0'}") from None
     return out_dir / "step-0"
+
+
+def tmp_token() -> str:
+    """A temp-folder suffix no other process picks: pid and 32 random bits (never from torch's seeded RNG)."""
+    return f"{os.getpid():x}-{secrets.token_hex(4)}"

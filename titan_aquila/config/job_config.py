@@ -120,7 +120,8 @@ class LRScheduler:
     """Learning-rate schedule: linear warmup, then optional stable phase, then decay to a floor."""
 
     warmup_steps: int = 200
-    """Steps of linear warmup up to optimizer.lr."""
+    """Steps of linear warmup up to optimizer.lr (more than training.steps: clamped to training.steps, with a
+    warning)."""
     decay_ratio: float | None = None
     """None = decay over all steps after warmup; a value in (0, 1] = warmup-stable-decay (WSD): hold lr, then
     decay over the last decay_ratio × training.steps steps."""
@@ -187,6 +188,9 @@ class Checkpoint:
     """dtype of the weights in a model-only final checkpoint."""
     async_mode: Literal["disabled", "async"] = "disabled"
     """'async' writes checkpoints in the background while training continues."""
+    verify_checksums: bool = True
+    """Check every checkpoint file against the sha256 recorded when it was written before loading it (false skips
+    the re-read of very large checkpoints; corruption then goes unnoticed)."""
 
 
 @dataclass

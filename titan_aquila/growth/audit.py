@@ -94,7 +94,8 @@ def run_growth_audit(plan, source_path: str, audit_steps: int, model, val_loader
     # The source runs with the job's capacity setting too (a dense source has no experts to drop from).
     src = build_model(plan.src_args.replace(capacity_factor=plan.dst_args.capacity_factor,
                                             pad_to_capacity=plan.dst_args.pad_to_capacity), device="cpu")
-    src.load_state_dict(read_model_state_dict(resolve_checkpoint_dir(source_path)), strict=True)
+    src_dir = resolve_checkpoint_dir(source_path)
+    src.load_state_dict(read_model_state_dict(src_dir, verify=False), strict=True)  # verified by the growth load
     numbers = growth_audit(src.to(device), model, val_loader, device, audit_steps, group=dp_group)
     # The grown model's expert counts from the audit batches (also resets them before training step 1).
     load = collect_expert_load(model, dp_group)

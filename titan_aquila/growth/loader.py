@@ -51,8 +51,8 @@ def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=
                         "resolve_growth(cfg, args).dst_args); differs in " +
                         ", ".join(f"{k} ({a} vs {b})" for k, a, b in diff))
     src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
-    check_integrity(src_dir)
-    src_sd = read_model_state_dict(src_dir)
+    check_integrity(src_dir, cfg.checkpoint.verify_checksums)
+    src_sd = read_model_state_dict(src_dir, verify=False)  # verified just above
     logger.info(f"[growth] growing {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> "
         f"{plan.dst_args.num_params():,} parameters")
     dst_sd = apply_growth(plan, src_sd, growth_options(cfg))
@@ -76,9 +76,9 @@ def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False) -> Path:
     target = job_model_args(cfg)
     plan = resolve_growth(cfg, target)
     src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
-    check_integrity(src_dir)
+    check_integrity(src_dir, cfg.checkpoint.verify_checksums)
     t0 = time.time()
-    src_sd = read_model_state_dict(src_dir)
+    src_sd = read_model_state_dict(src_dir, verify=False)  # verified just above
     opts = growth_options(cfg)
     grown = apply_growth(plan, src_sd, opts)
     del src_sd  # the source tensors no output aliases are freed before the (largest) write phase
