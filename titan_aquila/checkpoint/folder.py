@@ -106,9 +106,11 @@ def check_writable(folder: Path, need_bytes: int = 0, what: str = "checkpoint fo
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
+        remove_created(created)
         raise UserError(f"{what} {folder} is not writable: {os_reason(e)}") from None
     free = shutil.disk_usage(folder).free
     if need_bytes and free < need_bytes:
+        remove_created(created)
         raise UserError(f"no space left for a checkpoint in {what} {folder}: about {need_bytes / 2**30:.2f} GiB "
                         f"needed, {free / 2**30:.2f} GiB free")
     return created
