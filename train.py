@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from titan_aquila import interrupts
 from titan_aquila.config import load_job_config
 from titan_aquila.config.validate import job_model_args, validate_job
 from titan_aquila.errors import UserError
@@ -265,7 +266,8 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
 
 
 def main(argv: list[str]) -> None:
-    code = 0
+    code, cfg = 0, None
+    interrupts.install()  # Ctrl-C / SIGTERM -> Interrupted: an unfinished save is abandoned, a commit completes
     try:
         cfg = load_job_config(argv)  # -h/--help prints the options and raises SystemExit(0)
         args, dims, accum = plan_job(cfg)
@@ -276,6 +278,12 @@ def main(argv: list[str]) -> None:
         code = 2
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt as e:  # one line naming the last complete checkpoint; exit 130 (SIGINT) / 143 (SIGTERM)
+        code = interrupts.exit_code(e)
+        if world_info()[0] == 0:
+            ck = cfg.checkpoint if cfg is not None else None
+            folder = os.path.join(cfg.job.dump_folder, ck.folder) if ck is not None and ck.enable else None
+            print(interrupts.interrupted_line(e, folder), file=sys.stderr, flush=True)
     if "torch.distributed" in sys.modules:
         from titan_aquila.parallel.dist_utils import finish
 

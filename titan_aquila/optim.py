@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from titan_aquila.logging import logger
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -68,6 +69,9 @@ def lr_multiplier(step: int, warmup: int, total: int, decay_ratio: float | None,
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, s, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule of the `[lr_scheduler]` section `s` over `total_steps` (training.steps). LambdaLR calls the
     lambda with the number of steps taken so far (0 before the first step)."""
+    if s.warmup_steps > total_steps:
+        logger.warning(f"lr_scheduler.warmup_steps {s.warmup_steps} > training.steps {total_steps}: the warmup is "
+                       f"clamped to {total_steps} steps (the learning rate never reaches optimizer.lr)")
 
     def fn(steps_done: int) -> float:
         return lr_multiplier(steps_done + 1, s.warmup_steps, total_steps, s.decay_ratio, s.decay_type, s.min_lr_factor)

@@ -238,9 +238,11 @@ class CheckpointManager:
 
     # ---- save ------------------------------------------------------------------------------------------------
     def maybe_save(self, step: int, force: bool = False) -> None:
-        """Save at every checkpoint.interval steps, or now if `force` (the final save, model-only when
-        checkpoint.last_save_model_only). A step already saved is not saved twice."""
+        """Save at every checkpoint.interval steps, or now if `force` or at training.steps (the final save,
+        model-only when checkpoint.last_save_model_only, even when it falls on an interval). A step already saved
+        is not saved twice."""
         ck = self.cfg.checkpoint
+        force = force or step == self.cfg.training.steps
         if not ck.enable or step == self._last_saved or (not force and step % ck.interval):
             return
         self.save(step, model_only=force and ck.last_save_model_only)

@@ -15,10 +15,12 @@ from titan_aquila.checkpoint.storage import (check_output_folder, read_checkpoin
 from titan_aquila.checkpoint.lineage import (check_vocab_fits, checkpoint_tokenizer, read_lineage, resolve_tokenizer,
                                              source_hf_info, tokenizer_files)
 from titan_aquila.convert.card import generation_config, model_card, special_ids, write_tokenizer
-from titan_aquila.convert.hf_map import args_from_hf_config, export_arch, hf_config, hf_to_titan, titan_to_hf
+from titan_aquila.convert.hf_map import (args_from_hf_config, export_arch, hf_config, hf_to_titan, key_map,
+                                         titan_to_hf)
 from titan_aquila.convert.progress import Progress
 from titan_aquila.errors import UserError
 from titan_aquila.logging import logger
+from titan_aquila.models.args import ModelArgs
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -30,8 +32,6 @@ def _dtype(name: str | None):
 # ---- HF -> DCP --------------------------------------------------------------------------------------------
 def _safetensors_index(src: Path) -> dict[str, Path]:
     """tensor name -> file, from model.safetensors.index.json or the *.safetensors files of the folder."""
-    from safetensors import safe_open
-
     index = src / "model.safetensors.index.json"
     if index.is_file():
         wm = read_json(index, "safetensors index")["weight_map"]
@@ -45,15 +45,39 @@ def _safetensors_index(src: Path) -> dict[str, Path]:
         raise UserError(f"{src} has no *.safetensors files")
     out = {}
     for p in found:
-        with safe_open(str(p), framework="pt") as f:
+        with open_safetensors(p) as f:
             out.update({k: p for k in f.keys()})
     return out
 
 
-def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """HF Llama / Qwen2 / Mistral (/ Mixtral / Qwen2-MoE) folder -> DCP checkpoint OUT/step-0."""
+def open_safetensors(p: Path):
+    """safe_open, with a truncated or foreign file as one UserError line naming it."""
     from safetensors import safe_open
 
+    try:
+        return safe_open(str(p), framework="pt")
+    except Exception as e:  # SafetensorError: header too large / incomplete / invalid JSON
+        raise UserError(f"{p} is not a readable safetensors file ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def check_shapes(sd: dict[str, torch.Tensor], args: ModelArgs, arch: str) -> None:
+    """Every tensor must have the shape config.json implies (a model built on the meta device); UserError naming
+    the HF tensor otherwise (e.g. intermediate_size 400 with 352-wide MLP weights)."""
+    from titan_aquila.models.aquila import build_model
+
+    expected = {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
+    hf_name = {ours: theirs if isinstance(theirs, str) else theirs[0].replace("experts.0.", "experts.*.", 1)
+               for ours, theirs in key_map(args, arch)}
+    for k, t in sd.items():
+        if k in expected and tuple(t.shape) != expected[k]:
+            name, got, want = hf_name.get(k, k), list(t.shape), list(expected[k])
+            if "*" in name:  # stacked experts: compare one expert's shape
+                got, want = got[1:], want[1:]
+            raise UserError(f"tensor {name} has shape {got}, but config.json implies {want}")
+
+
+def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """HF Llama / Qwen2 / Mistral (/ Mixtral / Qwen2-MoE) folder -> DCP checkpoint OUT/step-0."""
     src = Path(src)
     check_output_folder(Path(out), overwrite)
     if not src.is_dir():
@@ -69,12 +93,16 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     def get(name: str) -> torch.Tensor:
         p = where[name]
         if p not in handles:
-            handles[p] = safe_open(str(p), framework="pt")
-        t = handles[p].get_tensor(name)
+            handles[p] = open_safetensors(p)
+        try:
+            t = handles[p].get_tensor(name)
+        except Exception as e:  # data past the end of a truncated file
+            raise UserError(f"{p}: cannot read tensor {name} ({str(e).strip().splitlines()[0][:200]})") from None
         progress.step(note=f"shard {shards.index(p) + 1}/{len(shards)}")
         return t.to(_dtype(dtype)) if _dtype(dtype) else t
 
     sd = hf_to_titan(get, set(where), args, arch)
+    check_shapes(sd, args, arch)
     source = f"hf:{arch}:{src.resolve()}"
     lineage = {**source_hf_info(src), "tokenizer": tok.fingerprint if tok else None,
                "stages": [{"kind": "import", "source": source, "model_name": cfg.get("_name_or_path") or src.name,

@@ -51,9 +51,48 @@ def _rope_theta(cfg: dict) -> float:
     return float(cfg.get("rope_theta", rp.get("rope_theta", 10000.0)))
 
 
+# config.json keys we read: required ones, and the type each must have (a JSON string "64" is not a number).
+REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+REQUIRED_MOE = {"mixtral": ("num_local_experts", "num_experts_per_tok"),
+                "qwen2_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
+POSITIVE_INTS = REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings", "num_local_experts",
+                            "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                            "sliding_window")
+NUMBERS = ("rms_norm_eps", "rope_theta", "initializer_range")
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob", "use_sliding_window", "qkv_bias")
+
+
+def check_hf_config(cfg: dict, arch: str) -> None:
+    """UserError naming the first key of config.json that is missing or has the wrong type or range."""
+    for key in REQUIRED + REQUIRED_MOE.get(arch, ()):
+        if key not in cfg:
+            raise UserError(f"config.json lacks '{key}'")
+    for key in POSITIVE_INTS + NUMBERS + FLAGS:
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if key in FLAGS:
+            ok, want = isinstance(v, bool), "true or false"
+        elif key in NUMBERS:
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"
+        else:
+            ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"
+        if not ok:
+            raise UserError(f"config.json: '{key}' is {json_repr(v)}, expected {want}")
+
+
+def json_repr(v) -> str:
+    import json
+
+    return json.dumps(v)[:60]
+
+
 def args_from_hf_config(cfg: dict) -> tuple[str, ModelArgs]:
     """(arch, ModelArgs) for an HF config.json dict; UserError for what our model cannot represent exactly."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"config.json holds a {type(cfg).__name__}, not a JSON object")
     arch = arch_of(cfg)
+    check_hf_config(cfg, arch)
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act '{cfg['hidden_act']}' is not supported (SwiGLU with silu only)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):

@@ -83,12 +83,15 @@ def find_text_files(paths: list[str] | str) -> list[Path]:
     return walk_files(paths, lambda f: f.suffix in TEXT_SUFFIXES, "data", ".txt or .jsonl")
 
 
-def read_documents(files: list[Path]) -> list[str]:
-    """One document per .txt file and per non-blank .jsonl line; blank documents dropped."""
+def read_documents(files: list[Path], sanitize=None) -> list[str]:
+    """One document per .txt file and per non-blank .jsonl line; blank documents dropped. A UTF-8 byte-order mark
+    is not text (utf-8-sig drops it); bytes that are not UTF-8 become U+FFFD. `sanitize(text) -> (text, n)` (the
+    tokenizer's) makes every document encodable, with one warning per file that needed it."""
     docs = []
     for f in files:
+        first = len(docs)
         if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            for n, line in enumerate(f.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -99,7 +102,15 @@ def read_documents(files: list[Path]) -> list[str]:
                     raise UserError(f"{f}:{n}: 'text' is a {type(text).__name__}, not a string")
                 docs.append(text)
         else:
-            docs.append(f.read_text(encoding="utf-8", errors="replace"))
+            docs.append(f.read_text(encoding="utf-8-sig", errors="replace"))
+        if sanitize is not None:
+            changed = 0
+            for i in range(first, len(docs)):
+                docs[i], n = sanitize(docs[i])
+                changed += n
+            if changed and int(os.environ.get("RANK", "0")) == 0:  # every rank reads the same files: say it once
+                print(f"warning: {f}: {changed} character(s) the tokenizer cannot represent were dropped or replaced "
+                      "by U+FFFD (see data/tokenizer.py)", flush=True)
     return [d for d in docs if d.strip()]
 
 
@@ -110,7 +121,7 @@ def tokenize_documents(paths: list[str] | str, tokenizer) -> torch.Tensor:
            tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     if key in _STREAMS:
         return _STREAMS[key]
-    docs = read_documents(files)
+    docs = read_documents(files, getattr(tokenizer, "sanitize", None))
     if not docs:
         raise UserError(f"no text in {len(files)} file(s): {_describe(files)}")
     chunks = []

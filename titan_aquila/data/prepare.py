@@ -113,7 +113,7 @@ def _json_text(line: bytes, where: str) -> str | None:
     if not line.strip():
         return None
     try:
-        text = json.loads(line.decode("utf-8", errors="replace"))["text"]
+        text = json.loads(line.decode("utf-8-sig", errors="replace"))["text"]  # a byte-order mark is not text
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{where} is not a JSON object with a 'text' field") from None
     if not isinstance(text, str):
@@ -124,7 +124,7 @@ def _json_text(line: bytes, where: str) -> str | None:
 def iter_documents(kind: str, path: str, start: int, stop: int, done):
     """Documents of one piece, in file order; calls done(input bytes) as it reads (for the progress line)."""
     if kind == "txt":
-        yield Path(path).read_text(encoding="utf-8", errors="replace")  # text mode, as dataset.py reads it
+        yield Path(path).read_text(encoding="utf-8-sig", errors="replace")  # text mode, as dataset.py reads it
         done(stop - start)
     elif kind == "jsonl":
         with open(path, "rb") as fh:

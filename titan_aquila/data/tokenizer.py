@@ -16,6 +16,11 @@ Special ids. `eos_id` = 0 (<|endoftext|>) ends every document when documents are
 the separator SmolLM2 itself was pretrained with (the base model's bos = eos = <|endoftext|>). `bos_id` = 1
 (<|im_start|>) and `im_end_id` = 2 are the Instruct model's chat markers (its GGUF says bos 1, eos 2); pretraining
 never inserts them. `encode` treats special-token *text* (e.g. "<|endoftext|>") as plain text, never as a control id.
+
+Text the vocabulary cannot represent never crashes (tiktoken panics on a byte no token covers): the ASCII
+characters whose byte has no token (for SmolLM2 U+0004 U+0006 U+0013 U+0014 U+0016 U+001D) are dropped, as HF's BPE
+drops them, and characters whose UTF-8 lead byte has no token (0xF1, 0xF2: U+40000-U+BFFFF) become U+FFFD.
+`sanitize` also counts them; the data pipeline prints one warning per file with that count.
 """
 
 from __future__ import annotations
@@ -119,12 +124,19 @@ class Tokenizer:
         self.special_tokens = dict(specials)
         self.fingerprint = _fingerprint(pat, ranks, specials, self.normalizer, strip + (replace or ""))
 
-    def _prepare(self, text: str) -> str:
+    def sanitize(self, text: str) -> tuple[str, int]:
+        """(`text` as encode sees it, how many characters the vocabulary cannot represent were dropped or replaced
+        by U+FFFD): see the module docstring."""
         if self.normalizer == "NFC":
             text = unicodedata.normalize("NFC", text)
+        replaced = 0
         if self._unencodable is not None:
-            text = self._unencodable.sub("\ufffd", text)
-        return text.translate(self._strip)
+            text, replaced = self._unencodable.subn("\ufffd", text)
+        out = text.translate(self._strip)
+        return out, replaced + len(text) - len(out)
+
+    def _prepare(self, text: str) -> str:
+        return self.sanitize(text)[0]
 
     def clean(self, text: str) -> str:
         """`text` as encode sees it: normalised, without the bytes the vocabulary cannot represent (what

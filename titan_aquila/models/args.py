@@ -101,7 +101,10 @@ class ModelArgs:
         need = require
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
             need(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
-        need(self.head_dim is not None and self.head_dim >= 1,
+        need(self.head_dim is None or self.head_dim >= 1, f"model.head_dim must be >= 1, got {self.head_dim}")
+        for name in ("init_std", "rope_theta", "route_scale"):
+            need(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
+        need(self.head_dim is not None,
              f"model.dim ({self.dim}) is not a multiple of n_heads ({self.n_heads}); set head_dim explicitly")
         need(self.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {self.head_dim}")
         need(self.n_heads % self.n_kv_heads == 0,
@@ -119,6 +122,9 @@ class ModelArgs:
                  "one logit (always 1), so the router never gets a gradient; use router_order = 'softmax_topk' "
                  "(Switch: weight p_i) or top_k >= 2")
             need(self.moe_layer_step >= 1, f"model.moe_layer_step must be >= 1, got {self.moe_layer_step}")
+            need(self.moe_layer_step <= self.n_layers,
+                 f"model.moe_layer_step {self.moe_layer_step} > n_layers {self.n_layers}: no layer would be MoE "
+                 "(set n_experts = 0 for a dense model)")
             need(self.moe_ffn_dim >= 1, f"model.moe_ffn_dim must be >= 1, got {self.moe_ffn_dim}")
             need(self.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {self.n_shared_experts}")
         c = self.capacity_factor
@@ -176,12 +182,26 @@ class ModelArgs:
 
 
 def apply_overrides_check(overrides: dict) -> dict:
-    """Reject keys that are not ModelArgs fields, naming the closest one."""
-    names = [f.name for f in dataclasses.fields(ModelArgs)]
-    for key in overrides:
-        if key not in names:
-            raise UserError(f"unknown model argument '{key}'" + did_you_mean(key, names))
-    return dict(overrides)
+    """Reject keys that are not ModelArgs fields (naming the closest one) and values of the wrong type: a TOML
+    string "false" is not a bool and "256" not an int (either would silently build another model). Ints are
+    accepted for float fields (as floats); None only where the field allows it."""
+    fields = {f.name: f.type for f in dataclasses.fields(ModelArgs)}
+    out = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise UserError(f"unknown model argument '{key}'" + did_you_mean(key, list(fields)))
+        kinds = str(fields[key]).replace(" ", "").split("|")  # e.g. "int|None" (annotations are strings here)
+        if value is None and "None" in kinds:
+            out[key] = None
+        elif "bool" in kinds and isinstance(value, bool) or "str" in kinds and isinstance(value, str) or \
+                "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+        elif "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+        else:
+            want = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[kinds[0]]
+            raise UserError(f"model.{key} must be {want}, got {value!r} ({type(value).__name__})")
+    return out
 
 
 def _aquila3(**kw) -> ModelArgs:
