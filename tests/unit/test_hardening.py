@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -233,3 +234,99 @@ def test_checksums_match_the_files_and_catch_a_zeroed_block(tmp_path):
     m.close()
     assert (read_model_state_dict(step, verify=False)["tok_embeddings.weight"] == 0).sum() >= 64
     assert latest_checkpoint(tmp_path / "src" / "checkpoint") == step
+
+
+# ---- 6. import-hf checks config.json and every tensor's shape ----------------------------------------------
+def _hf_folder(tmp_path: Path, name: str = "hf") -> Path:
+    """A Llama folder made by our own exporter from a tiny model (no transformers needed)."""
+    from titan_aquila.convert.hf import save_safetensors
+    from titan_aquila.convert.hf_map import hf_config, titan_to_hf
+
+    args = ARGS.replace(ffn_dim=48)
+    folder = tmp_path / name
+    folder.mkdir()
+    save_safetensors(titan_to_hf(build_model(args, seed=0).state_dict(), args, "llama"), folder)
+    (folder / "config.json").write_text(json.dumps(hf_config(args, "llama")))
+    return folder
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"intermediate_size": 56}, "tensor model.layers.0.mlp.gate_proj.weight has shape [48, 32], but config.json "
+                                "implies [56, 32]"),
+    ({"hidden_size": None}, "config.json lacks 'hidden_size'"),
+    ({"num_attention_heads": "4"}, "config.json: 'num_attention_heads' is \"4\", expected an integer >= 1"),
+    ({"rms_norm_eps": "1e-6"}, "config.json: 'rms_norm_eps' is \"1e-6\", expected a number > 0"),
+    ({"tie_word_embeddings": "false"}, "config.json: 'tie_word_embeddings' is \"false\", expected true or false"),
+    ({"truncate": True}, "model.safetensors is not a readable safetensors file"),
+], ids=["shape", "missing key", "string int", "string float", "string bool", "truncated"])
+def test_import_hf_checks_config_and_shapes(tmp_path, change, message):
+    from titan_aquila.convert.hf import import_hf
+
+    src = _hf_folder(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    if change.pop("truncate", False):
+        f = src / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    for k, v in change.items():
+        cfg.pop(k) if v is None else cfg.__setitem__(k, v)
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as e:
+        import_hf(src, tmp_path / "out", log=lambda _: None)
+    assert message in one_line(e)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_hf_of_a_good_folder_still_works(tmp_path):
+    from titan_aquila.convert.hf import import_hf
+
+    step = import_hf(_hf_folder(tmp_path), tmp_path / "out", log=lambda _: None)
+    assert read_model_state_dict(step)["layers.0.feed_forward.w1.weight"].shape == (48, 32)
+
+
+# ---- 7. [model.overrides] type- and range-checked (through train.py: tests/integration/test_bad_input.py) ----
+def test_overrides_that_used_to_build_another_model_are_refused():
+    from titan_aquila.models.args import build_model_args
+
+    for bad, msg in [({"qkv_bias": "no"}, "model.qkv_bias must be true or false"),
+                     ({"tie_embeddings": "false"}, "model.tie_embeddings must be true or false"),
+                     ({"head_dim": 0}, "model.head_dim must be >= 1, got 0"),
+                     ({"n_experts": 4, "moe_layer_step": 5}, "moe_layer_step 5 > n_layers 4")]:
+        with pytest.raises(UserError, match=re.escape(msg)):
+            build_model_args("debugmodel", bad)
+    args = build_model_args("debugmodel", {"norm_eps": 1, "n_kv_heads": None})  # int for float; None where allowed
+    assert args.norm_eps == 1.0 and isinstance(args.norm_eps, float) and args.n_kv_heads == args.n_heads
+
+
+# ---- 8. the tokenizer never crashes on text -----------------------------------------------------------------
+def test_tokenizer_replaces_what_the_vocabulary_lacks():
+    from titan_aquila.data.tokenizer import SUBSTITUTE, Tokenizer
+
+    tok = Tokenizer()
+    text = "a\U00040000b\U000bffffc\x04d\U0003ffff\U000c0000"  # the last two are representable
+    clean, n = tok.sanitize(text)
+    assert (clean, n) == ("a" + SUBSTITUTE + "b" + SUBSTITUTE + "cd\U0003ffff\U000c0000", 3)
+    assert tok.decode(tok.encode(text)) == clean
+    every = "".join(map(chr, range(0x110000))).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    ids = tok.encode(every)  # every code point: no panic
+    assert tok.decode(ids) == tok.sanitize(every)[0]
+
+
+# ---- 9. options that were ignored or misreported ------------------------------------------------------------
+def test_final_save_on_an_interval_step_is_still_model_only(tmp_path):
+    m = manager(tmp_path, last_save_model_only=True, export_dtype="bfloat16")
+    m.cfg.training.steps = 4
+    m.load()
+    for step in range(1, 5):
+        m.maybe_save(step)  # step 4 is both an interval step and the last one
+    m.maybe_save(4, force=True)
+    m.close()
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "step-4" / "metadata.json").read_text())
+    assert meta["model_only"] is True and meta["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "run" / "checkpoint" / "step-2" / "metadata.json").read_text())["model_only"] is False
+
+
+def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
+    from titan_aquila.data.dataset import read_documents
+
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "hello"}).encode() + b"\n")
+    assert read_documents([tmp_path / "a.jsonl"]) == ["hello"]
