@@ -47,7 +47,8 @@ def test_text_the_vocabulary_lacks_warns_once_per_file_and_last_save_is_model_on
     save is still model-only in export_dtype. warmup_steps > steps is said, not silently clamped."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": FILL * 4}) for _ in range(3)).encode())
+    lines = "\n".join(json.dumps({"text": FILL * 4}) for _ in range(3))
+    (data / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())  # a byte-order mark first
     rare = "".join(chr(0x40000 + 997 * i) for i in range(7))  # 7 characters from U+40000-U+BFFFF
     (data / "b.txt").write_text(FILL * 4 + rare + FILL + "\x04")
     blob = random.Random(0).randbytes(6000)

@@ -88,8 +88,7 @@ def test_malicious_metadata_never_runs_on_resume_initial_load_growth_or_export(t
     for attempt in attempts:
         with pytest.raises(UserError) as e:
             attempt()
-        assert "refused to load .metadata: it references posix.system" in one_line(e) or \
-            "refused to load .metadata: it references os.system" in one_line(e), e.value
+        assert f"refused to load .metadata: it references {os.system.__module__}.system" in one_line(e)
         assert not marker.exists()  # the payload never ran
     assert not (tmp_path / "hf").exists()
 
@@ -141,7 +140,7 @@ def test_temp_names_are_unique_and_do_not_depend_on_the_seed():
     torch.manual_seed(0)
     state = torch.get_rng_state()
     b = tmp_token()
-    assert a != b and str(os.getpid() and f"{os.getpid():x}") in a
+    assert a != b and a.startswith(f"{os.getpid():x}-")
     assert torch.equal(state, torch.get_rng_state())  # training's RNG stream is not consumed
 
 

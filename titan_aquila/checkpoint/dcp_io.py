@@ -4,8 +4,8 @@ Reading. torch's `FileSystemReader.read_metadata` unpickles `.metadata` with pla
 checkpoint whose `.metadata` holds a pickle program (`os.system` via REDUCE) would run it. `SafeReader` unpickles
 with `find_class` restricted to what DCP metadata consists of (its dataclasses, `torch.Size`, dtypes, the layout
 and memory-format decoders, `pathlib` paths); any other global stops the load before anything is called.
-`BytesStorageMetadata` is refused too: DCP reads such an entry with `torch.load(weights_only=False)`, and our
-checkpoints store only tensors (non-tensor state is JSON in a uint8 tensor, see storage.py).
+`BytesStorageMetadata` is not on the list: DCP would read such an entry with `torch.load(weights_only=False)`, and
+our checkpoints store only tensors (non-tensor state is JSON in a uint8 tensor, see storage.py).
 
 Writing. `ChecksumWriter` hashes each file as DCP streams it to disk: digest(file) = sha256 over the bytes written,
 in order, so the file needs no second read. The digests of every rank's files go into `metadata.json`; `verify`
@@ -52,7 +52,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def load_metadata(path: Path):
     """The DCP `Metadata` in file `path`, through the restricted unpickler. UserError (one line) otherwise."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+    from torch.distributed.checkpoint.metadata import Metadata
 
     try:
         with open(path, "rb") as f:
@@ -63,10 +63,6 @@ def load_metadata(path: Path):
         raise UserError(f"checkpoint {path.parent} is corrupt: cannot read {path.name} ({type(e).__name__})") from None
     if not isinstance(md, Metadata):
         raise UserError(f"checkpoint {path.parent}: {path.name} holds a {type(md).__name__}, not DCP metadata")
-    blobs = [k for k, v in (md.state_dict_metadata or {}).items() if isinstance(v, BytesStorageMetadata)]
-    if blobs:
-        raise UserError(f"checkpoint {path.parent}: refused to load {path.name}: entry '{blobs[0]}' is a pickled "
-                        "object (this project's checkpoints store only tensors)")
     return md
 
 
@@ -109,9 +105,9 @@ def unwrap(e: BaseException) -> BaseException:
 
 
 def load_error_line(e: BaseException) -> str:
-    """One line for an exception out of `dcp.load` (re-raises a UserError found inside)."""
+    """One line for an exception out of `dcp.load` (re-raises a UserError or an interrupt found inside)."""
     inner = unwrap(e)
-    if isinstance(inner, UserError):
+    if isinstance(inner, (UserError, KeyboardInterrupt)):
         raise inner
     return _first_line(inner)
 

@@ -6,11 +6,15 @@ A checkpoint is one folder written by torch.distributed.checkpoint (DCP) plus th
         .metadata  __0_0.distcp  __1_0.distcp ...   DCP (sharded; readable at any world size)
         model_args.json                              ModelArgs.to_dict()  -> `read_checkpoint_args`
         job_config.json                              JobConfig.to_dict() of the run that wrote it
-        metadata.json                                step, world size, dp layout, torch version, model_only
+        metadata.json                                step, world size, dp layout, torch version, model_only,
+                                                     checksums {file: "sha256:..."} of the DCP files
 
-Atomicity: every rank writes into `step-N.tmp-<token>`; only when all shards and the JSON files are on disk
-(fsynced) does rank 0 rename it to `step-N`. A folder is a checkpoint iff its name is exactly `step-N`, so a
-save killed half-way is never picked as "latest"; stale `*.tmp-*` folders are deleted on the next start.
+Atomicity: every rank writes into `step-N.tmp-<token>` (token: pid + random bits, unique per process); only when
+all shards and the JSON files are on disk (fsynced) does rank 0 rename it to `step-N`. A folder is a checkpoint iff
+its name is exactly `step-N`, so a save killed half-way is never picked as "latest"; stale `*.tmp-*` folders are
+deleted on the next start, which holds the folder's lock (checkpoint/folder.py), so no other run's save is in flight.
+Reading goes through checkpoint/dcp_io.py: `.metadata` is unpickled without executing anything, and every file is
+checked against its recorded checksum.
 
 Everything stored through DCP is a tensor: non-tensor state (scheduler, dataloader position, optimizer
 param_groups) is JSON inside a uint8 tensor (`to_blob`/`from_blob`). DCP would otherwise pickle such objects and
