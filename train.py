@@ -280,10 +280,9 @@ def main(argv: list[str]) -> None:
         code = e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt as e:  # one line naming the last complete checkpoint; exit 130 (SIGINT) / 143 (SIGTERM)
         code = interrupts.exit_code(e)
-        if world_info()[0] == 0:
-            ck = cfg.checkpoint if cfg is not None else None
-            folder = os.path.join(cfg.job.dump_folder, ck.folder) if ck is not None and ck.enable else None
-            print(interrupts.interrupted_line(e, folder), file=sys.stderr, flush=True)
+        ck = cfg.checkpoint if cfg is not None else None
+        folder = os.path.join(cfg.job.dump_folder, ck.folder) if ck is not None and ck.enable else None
+        logger.error(interrupts.interrupted_line(e, folder))
     if "torch.distributed" in sys.modules:
         from titan_aquila.parallel.dist_utils import finish
 

@@ -62,12 +62,12 @@ def test_text_the_vocabulary_lacks_warns_once_per_file_and_last_save_is_model_on
                                   "export_dtype": "bfloat16"})
     run = run_train(cfg, timeout=240)
     assert run.rc == 0, run.err
-    warnings = [ln for ln in run.out.splitlines() if ln.startswith("warning: ") and "cannot represent" in ln]
+    warnings = [ln for ln in run.err.splitlines() if ln.startswith("warning: ") and "cannot represent" in ln]
     assert warnings == [f"warning: {data / 'b.txt'}: 8 character(s) the tokenizer cannot represent were dropped "
                         "or replaced by U+FFFD (see data/tokenizer.py)"] + \
         ([f"warning: {data / 'c.txt'}: {expect_c} character(s) the tokenizer cannot represent were dropped or "
-          "replaced by U+FFFD (see data/tokenizer.py)"] if expect_c else []), run.out
-    assert "warning: lr_scheduler.warmup_steps 5 > training.steps 2: the warmup is clamped to 2 steps" in run.out
+          "replaced by U+FFFD (see data/tokenizer.py)"] if expect_c else []), run.err
+    assert "warning: lr_scheduler.warmup_steps 5 > training.steps 2: the warmup is clamped to 2 steps" in run.err
     meta = json.loads((tmp_path / "run" / "checkpoint" / "step-2" / "metadata.json").read_text())
     assert meta["model_only"] is True and meta["dtype"] == "bfloat16"
 
@@ -78,7 +78,7 @@ def test_interrupt_during_a_save_abandons_it_and_names_the_last_checkpoint(tmp_p
     run = run_train(cfg, timeout=240, env={"TITAN_AQUILA_TEST_KILL_DURING_SAVE": f"4:{sig}"})
     folder = tmp_path / "run" / "checkpoint"
     assert run.rc == code, run.err
-    assert one_error_line(run.err) == f"interrupted ({sig}); last complete checkpoint: {folder / 'step-2'}"
+    assert one_error_line(run.err) == f"error: interrupted ({sig}); last complete checkpoint: {folder / 'step-2'}"
     assert sorted(p.name for p in folder.iterdir()) == ["step-2"]  # the step-4 save left nothing behind
 
 

@@ -84,7 +84,7 @@ def test_malicious_metadata_never_runs_on_resume_initial_load_growth_or_export(t
     attempts = [lambda: manager(tmp_path, "src").load(),  # resume
                 lambda: manager(tmp_path, "b", initial_load_path=str(step)).load(),  # initial load
                 lambda: read_model_state_dict(step),  # growth source / audit
-                lambda: export_hf(step, tmp_path / "hf", log=lambda _: None)]  # convert export-hf
+                lambda: export_hf(step, tmp_path / "hf")]  # convert export-hf
     for attempt in attempts:
         with pytest.raises(UserError) as e:
             attempt()
@@ -270,7 +270,7 @@ def test_import_hf_checks_config_and_shapes(tmp_path, change, message):
         cfg.pop(k) if v is None else cfg.__setitem__(k, v)
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError) as e:
-        import_hf(src, tmp_path / "out", log=lambda _: None)
+        import_hf(src, tmp_path / "out")
     assert message in one_line(e)
     assert not (tmp_path / "out").exists()
 
@@ -278,7 +278,7 @@ def test_import_hf_checks_config_and_shapes(tmp_path, change, message):
 def test_import_hf_of_a_good_folder_still_works(tmp_path):
     from titan_aquila.convert.hf import import_hf
 
-    step = import_hf(_hf_folder(tmp_path), tmp_path / "out", log=lambda _: None)
+    step = import_hf(_hf_folder(tmp_path), tmp_path / "out")
     assert read_model_state_dict(step)["layers.0.feed_forward.w1.weight"].shape == (48, 32)
 
 

@@ -108,9 +108,9 @@ def read_documents(files: list[Path], sanitize=None) -> list[str]:
             for i in range(first, len(docs)):
                 docs[i], n = sanitize(docs[i])
                 changed += n
-            if changed and int(os.environ.get("RANK", "0")) == 0:  # every rank reads the same files: say it once
-                print(f"warning: {f}: {changed} character(s) the tokenizer cannot represent were dropped or replaced "
-                      "by U+FFFD (see data/tokenizer.py)", flush=True)
+            if changed:
+                logger.warning(f"{f}: {changed} character(s) the tokenizer cannot represent were dropped or replaced "
+                               "by U+FFFD (see data/tokenizer.py)")
     return [d for d in docs if d.strip()]
 
 
