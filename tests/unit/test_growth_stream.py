@@ -16,7 +16,6 @@ SRC = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_s
 WIDE = dict(dim=64, n_heads=8, ffn_dim=96)
 CASES = {
     "aki+noise": (["aki"], WIDE, {"noise_std": 0.01}),
-    "exact": (["exact"], dict(dim=48, n_heads=6, ffn_dim=64), {}),
     "stack+noise": (["stack"], dict(n_layers=6), {"noise_std": 0.01}),
     "zero": (["zero"], dict(n_layers=5), {}),
     "fpi+drop_upcycle": (["fpi", "upcycle"], {**WIDE, "n_experts": 4, "top_k": 2, "moe_ffn_dim": 96},
@@ -90,3 +89,15 @@ def test_deferred_write_computes_each_group_once_and_writes_the_grown_tensors(so
     want = apply_growth(plan, read_model_state_dict(source), opts)
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], materialize(v)) for k, v in want.items())
+
+
+def test_a_transform_that_needs_values_falls_back_to_whole_model_growth(source):
+    """`exact` initialises its padding from the source's std (`.item()`): no shape-only pass can run it, so the
+    loader grows the whole model instead (correct, not streamed)."""
+    from titan_aquila.growth.loader import growth_stream
+
+    opts = GrowthOptions(seed=3)
+    plan = plan_growth(["exact"], SRC, SRC.replace(dim=48, n_heads=6, ffn_dim=64), opts)
+    with pytest.raises(RuntimeError, match="meta"):
+        GrowthStream(plan, source, opts)
+    assert growth_stream(plan, source, opts) is None

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from titan_aquila.checkpoint.storage import (args_diff, check_integrity, check_output_folder, read_checkpoint_args,
-                                             resolve_checkpoint_dir, write_model_checkpoint)
+                                             read_model_state_dict, resolve_checkpoint_dir, write_model_checkpoint)
 from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, checkpoint_tokenizer, resolve_tokenizer
-from titan_aquila.checkpoint.weights import check_names, model_tensors, write_tensor
+from titan_aquila.checkpoint.weights import check_names, load_model_weights, model_tensors, write_tensor
 from titan_aquila.config.validate import job_model_args
 from titan_aquila.errors import UserError
-from titan_aquila.growth import GrowthOptions, plan_growth
+from titan_aquila.growth import GrowthOptions, apply_growth, materialize, plan_growth
 from titan_aquila.growth.stream import GrowthStream
 from titan_aquila.logging import logger
 from titan_aquila.models.args import ModelArgs
@@ -57,12 +57,26 @@ def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=
     check_integrity(src_dir)
     logger.info(f"[growth] growing {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> "
         f"{plan.dst_args.num_params():,} parameters, one layer at a time into the local shards")
-    stream = GrowthStream(plan, src_dir, growth_options(cfg))
+    stream = growth_stream(plan, src_dir, growth_options(cfg))
+    if stream is None:
+        load_model_weights(model, apply_growth(plan, read_model_state_dict(src_dir), growth_options(cfg)))
+        return
     template = model_tensors(model)
     check_names(template, stream.names)
     for group in stream.groups():
         for name, value in group.items():
             write_tensor(name, template[name], value)
+
+
+def growth_stream(plan, src_dir: Path, opts) -> GrowthStream | None:
+    """The streamed growth, or None when a transform needs tensor values that its shape-only pass cannot give
+    (e.g. padding initialised from the source's std with `.item()`): then every rank grows the whole model."""
+    try:
+        return GrowthStream(plan, src_dir, opts)
+    except (RuntimeError, NotImplementedError) as e:
+        logger.warning(f"growth {plan.describe()} cannot stream ({str(e).splitlines()[0][:80]}): every rank "
+                       "grows the whole model")
+        return None
 
 
 def plan_stage(cfg, plan) -> dict:
@@ -85,7 +99,12 @@ def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False) -> Path:
     check_integrity(src_dir)
     t0 = time.time()
     opts = growth_options(cfg)
-    dst_sd = GrowthStream(plan, src_dir, opts).deferred_state_dict()  # each tensor made when DCP writes it
+    stream = growth_stream(plan, src_dir, opts)
+    if stream is not None:
+        dst_sd = stream.deferred_state_dict()  # each tensor made when DCP writes it
+    else:
+        dst_sd = {k: materialize(v).contiguous()
+                  for k, v in apply_growth(plan, read_model_state_dict(src_dir), opts).items()}
     # The tokenizer goes with the weights: the given one (checked against the source's), else the source's.
     tok = resolve_tokenizer(cfg.model.tokenizer_path, src_dir, "model.tokenizer_path") \
         if cfg.model.tokenizer_path or checkpoint_tokenizer(src_dir) else None

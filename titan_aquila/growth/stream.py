@@ -33,6 +33,8 @@ from titan_aquila.checkpoint.storage import model_tensor_specs, read_model_state
 from titan_aquila.growth import GrowthOptions, GrowthPlan, LazyExperts, apply_growth, materialize
 
 _SOURCES = "_growth_sources"
+_INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+              torch.ops.aten._index_put_impl_.default}
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -48,6 +50,12 @@ class _MetaWins(TorchDispatchMode):
         kwargs = kwargs or {}
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if any(t.is_meta for t in inputs) and not all(t.is_meta for t in inputs):
+            if func in _INDEX_OPS and isinstance(args[1], (list, tuple)):
+                # A real boolean mask indexing a meta tensor: its positions (as aten expands masks), so that the
+                # meta kernel needs no nonzero() of a value it does not have.
+                idx = [p for i in args[1] for p in (i.nonzero(as_tuple=True) if isinstance(i, torch.Tensor)
+                                                     and i.dtype == torch.bool and not i.is_meta else (i,))]
+                args = (args[0], idx, *args[2:])
             to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) and not x.is_meta else x  # noqa: E731
             args, kwargs = tree_map(to_meta, args), tree_map(to_meta, kwargs)
         out = func(*args, **kwargs)
