@@ -130,6 +130,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
 
     from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, resolve_tokenizer, start_checkpoint
     from titan_aquila.checkpoint.manager import CheckpointManager
+    from titan_aquila.checkpoint.weights import init_model_weights
     from titan_aquila.data.mixture import MixtureLoader, build_loaders
     from titan_aquila.evaluate import validation_loss
     from titan_aquila.growth.audit import run_growth_audit
@@ -167,13 +168,14 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     train_loader, val_loaders, val_weights = build_loaders(cfg, tokenizer, dp_rank, dp_degree, v.enable or do_audit)
     val_loader = next(iter(val_loaders.values()), None)  # the growth audit's held-out batches
 
-    # Every rank builds the same full model from the same seed and parallelize keeps its shard, so 1-rank and N-rank
-    # runs start from identical weights. (A model too big for host memory would need a meta build + sharded init.)
-    model = build_model(args, device="cpu", seed=t.seed)
+    # torchtitan's order: shapes only on the meta device -> parallelize -> each rank allocates and initialises only
+    # its shards. Every tensor is drawn from (seed, name) generators, so 1-rank and N-rank runs start identical.
+    model = build_model(args, device="meta")
     logger.info(f"model {cfg.model.flavor}{' + overrides' if cfg.model.overrides else ''}"
                 f"{' grown by ' + plan.describe() if plan else ''}: {args.num_params():,} parameters "
                 f"({args.num_params(active=True):,} active), {args.flops_per_token(t.seq_len) / 1e6:.1f} MFLOP/token")
-    model = parallelize_model(model, dims, cfg).to(device)
+    model = parallelize_model(model, dims, cfg)
+    init_model_weights(model, args, t.seed, device)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, t.steps)
     ckpt = CheckpointManager(cfg, model, optimizer, scheduler, train_loader, args, dims, growth_plan=plan)
@@ -187,7 +189,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     ckpt.lineage, ckpt.lineage_files = carry_forward(start_dir, tokenizer, *grown, run_stage)
     apply_schedule(scheduler)  # a resumed run with another training.steps follows its own schedule from here on
     audit = run_growth_audit(plan, cfg.growth.source_path, cfg.growth.audit_steps, model, val_loader, device,
-                             dp_group, cfg.job.dump_folder) if do_audit and start == 0 else None
+                             dp_group, cfg.job.dump_folder, dims) if do_audit and start == 0 else None
 
     autocast_dtype = {"": None, "bfloat16": torch.bfloat16}[t.autocast_dtype]
     if autocast_dtype is None and t.mixed_precision_param == "bfloat16" and not dims.fsdp_enabled:

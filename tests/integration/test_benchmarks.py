@@ -131,3 +131,17 @@ def test_data(tmp_path):
         assert positive(p["mb_per_cpu_s"]) and positive(p["mb_per_s_per_process"]) and p["tokens"] > 0
         assert positive(r["prepared"]["seconds_to_first_step"]) and r["prepared"]["peak_rss_mib"] > 100
     assert doc["summary"]["corpus_ratio"] == pytest.approx(rows[1]["corpus_mb"] / rows[0]["corpus_mb"])
+
+
+def test_memory(tmp_path):
+    doc = run_bench("bench_memory", tmp_path, "--worlds", "1", "--workdir", str(tmp_path))
+    (row,) = doc["train"]
+    # smoke: dim 64 -> 128, 2 layers, 8 -> 16 heads of 8 (4 KV), FFN 128 -> 256 as 4 experts, vocab 49152, untied
+    D, L, V, E, F = 128, 2, 49152, 4, 256
+    hand = 2 * V * D + D + L * (2 * D + 2 * D * D + 2 * D * 4 * 8 + E * D + E * 3 * D * F)
+    assert doc["grown_params"] == hand
+    assert row["world"] == 1 and row["met"] and row["peak_gib"][0] > row["overhead_gib"] > 0
+    conv = doc["convert"]
+    assert conv["checkpoint_gib"] * 2**30 >= 4 * hand  # fp32 weights (+ the expert_bias buffers)
+    assert conv["largest_shard_gib"] * 2**30 >= 4 * hand  # one safetensors file holds the whole export
+    assert conv["export_peak_gib"] > conv["overhead_gib"] and conv["import_peak_gib"] > conv["overhead_gib"]

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from _util import ROOT, losses, read_tensorboard, run_train, tensorboard_runs, tiny_config
 
@@ -100,3 +101,30 @@ def test_train_py_upcycles_on_two_ranks_and_the_validation_expert_load_moves(tmp
                            capture_output=True, text=True, timeout=60)
     assert empty.returncode == 2 and empty.stderr.startswith("error: no validation_metrics/moe_load/") and \
         "Traceback" not in empty.stderr
+
+
+
+def test_grown_weights_and_audit_equal_at_one_two_and_four_ranks(tmp_path, dense_checkpoint):
+    """Streaming growth into shards (training.steps = 0: grow, audit, save): AKI-Pro width x2 + depth 2 -> 3, then
+    4 experts. The step-0 checkpoints of 1 rank, 2 ranks (EP 2) and 4 ranks (FSDP2 x TP2) hold bit-identical
+    weights, and the audits (whole validation set, source sharded like the grown model) agree."""
+    from titan_aquila.checkpoint.storage import read_model_state_dict
+
+    saved, audits = {}, {}
+    for name, nproc, flags in (("one", 1, ()), ("ep", 2, ("--parallelism.expert_parallel_degree", "2")),
+                               ("fsdp_tp", 4, ("--parallelism.tensor_parallel_degree", "2"))):
+        cfg = tiny_config(tmp_path, name, overrides={"dim": 128, "n_heads": 8, "ffn_dim": 256, "n_layers": 3,
+                                                      "n_experts": 4, "top_k": 2, "moe_ffn_dim": 256},
+                          growth={"enable": True, "source_path": str(dense_checkpoint),
+                                  "methods": ["aki_pro", "upcycle"], "audit_steps": -1},
+                          checkpoint={"enable": True}, **{**COMMON, "training": {**COMMON["training"], "steps": 0}})
+        rc, out, err = run_train(cfg, *flags, nproc=nproc, timeout=400)
+        assert rc == 0, err[-3000:]
+        saved[name] = read_model_state_dict(tmp_path / name / "checkpoint" / "step-0")
+        audits[name] = json.loads((tmp_path / name / "growth_audit.json").read_text())
+    for name in ("ep", "fsdp_tp"):
+        assert all(torch.equal(saved[name][k], v) for k, v in saved["one"].items()), name
+        assert audits[name]["tokens"] == audits["one"]["tokens"] > 0
+        for key in ("source_loss", "grown_loss"):
+            assert abs(audits[name][key] - audits["one"][key]) <= 1e-5, (name, key, audits)
+    assert abs(audits["one"]["grown_loss"] - audits["one"]["source_loss"]) > 1e-3  # AKI is not function-preserving

@@ -198,7 +198,7 @@ def test_enum_values_with_suggestion(tmp_path):
 
 
 def test_validate_ranges():
-    assert error_of(["--training.steps", "0"]) == "training.steps must be >= 1, got 0"
+    assert error_of(["--training.steps", "-1"]) == "training.steps must be >= 0, got -1"
     assert error_of(["--optimizer.lr", "-1e-3"]) == "optimizer.lr must be finite and >= 0, got -0.001"
     # several violations are reported together on one line
     assert error_of(["--training.seq_len", "0", "--metrics.log_freq", "0", "--lr_scheduler.warmup_steps", "-1"]) == (
@@ -262,7 +262,9 @@ def test_help_lists_every_field(capsys):
             doc = config_parse.attribute_docs(section.default_factory)[f.name]
             assert len(doc) > 10, f.name
             assert sum(line.startswith(f"  --{section.name}.{f.name} (") and line.endswith(doc) for line in lines) == 1
-    assert "  --training.steps (int, default 10000): Number of optimizer steps to train for." in lines
+    assert ("  --training.steps (int, default 10000): Number of optimizer steps to train for. 0: build, load or grow "
+            "(and audit), save, stop: no optimizer step, so no gradients or AdamW moments are ever allocated (a growth "
+            "run for a model too big to train here).") in lines
     assert ("  --lr_scheduler.decay_type (linear|sqrt|cosine, default \"linear\"): "
             "Shape of the decay from lr down to the floor.") in lines
     assert ("  --lr_scheduler.decay_ratio (float | None, default none): None = decay over all steps after warmup; "

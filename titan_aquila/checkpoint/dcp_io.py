@@ -170,8 +170,8 @@ class ChecksumWriter(FileSystemWriter):
     """FileSystemWriter that records `file name -> "sha256:<hex>"` in `self.checksums` as it writes, and the
     OSErrors of failed writes in `self.errors`."""
 
-    def __init__(self, path):
-        super().__init__(path)
+    def __init__(self, path, **kwargs):
+        super().__init__(path, **kwargs)
         self.checksums: dict[str, str] = {}
         self.errors: list[OSError] = []
         self.fs = _HashingFileSystem(self.checksums, self.errors)

@@ -251,13 +251,31 @@ def from_blob(t: torch.Tensor):
 
 
 # ---- whole-model reads (single process, no process group needed) ------------------------------------------
-def read_model_state_dict(path: str | Path, prefix: str = "model.", verify: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor under `prefix` as a full plain tensor, on CPU, in its stored dtype (for growth sources and
-    conversion). Works with or without an initialised process group and at any world size."""
+def model_tensor_specs(step_dir: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """name -> a meta tensor of each stored tensor's shape and dtype under `prefix` (no tensor data is read)."""
+    return {k[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype, device="meta")
+            for k, m in dcp_keys(step_dir).items() if k.startswith(prefix) and hasattr(m, "size")}
+
+
+def read_model_state_dict(path: str | Path, prefix: str = "model.", keys=None, check: bool = True,
+                          verify: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor under `prefix` (or only the names in `keys`, without the prefix) as a full plain tensor, on
+    CPU, in its stored dtype (for growth sources and conversion). DCP reads only the bytes of the tensors asked
+    for. Works with or without an initialised process group and at any world size. `check` runs the integrity
+    check first (`verify`: with the per-file checksums); a caller that reads a checkpoint piece by piece checks it
+    once itself and passes check=False."""
     step_dir = resolve_checkpoint_dir(path)
-    check_integrity(step_dir, verify)
-    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-          for k, m in dcp_keys(step_dir).items() if k.startswith(prefix) and hasattr(m, "size")}
+    if check:
+        check_integrity(step_dir, verify)
+    specs = model_tensor_specs(step_dir, prefix)
+    if keys is not None:
+        unknown = sorted(set(keys) - set(specs))
+        if unknown:
+            raise UserError(f"checkpoint {step_dir} has no tensor {prefix}{unknown[0]}")
+        specs = {k: specs[k] for k in keys}
+    sd = {prefix + k: torch.empty(m.shape, dtype=m.dtype) for k, m in specs.items()}
+    if not sd and keys is not None:
+        return {}
     if not sd:
         raise UserError(f"checkpoint {step_dir} holds no model weights (no '{prefix}*' tensors)")
     with warnings.catch_warnings():  # "torch.distributed ... uninitialized, assuming ... a single process": intended
@@ -279,9 +297,11 @@ def write_model_checkpoint(out_dir: Path, sd: dict[str, torch.Tensor], args: Mod
                            overwrite: bool = False, files: dict[str, Path] | None = None) -> Path:
     """Write a model-only checkpoint `out_dir/step-0` (the training layout) from one process, atomically: into
     `out_dir/step-0.tmp-<pid>`, then renamed. UserError if `out_dir` already holds a checkpoint and not overwrite.
-    `files` ({relative name: source file}, e.g. the tokenizer) are copied in before the rename."""
+    `files` ({relative name: source file}, e.g. the tokenizer) are copied in before the rename.
+    Values may be `Deferred` (checkpoint/deferred.py): each is made only when its bytes are written."""
     import torch.distributed.checkpoint as dcp
 
+    from titan_aquila.checkpoint.deferred import DeferredSavePlanner, split_deferred
     from titan_aquila.checkpoint.folder import FolderLock, save_error
 
     out_dir = Path(out_dir)
@@ -289,12 +309,15 @@ def write_model_checkpoint(out_dir: Path, sd: dict[str, torch.Tensor], args: Mod
     with FolderLock(out_dir, "output folder"):  # no second writer can be in here: its temp folders are stale
         remove_stale_tmp(out_dir)
         tmp = out_dir / f"step-0.tmp-{tmp_token()}"
-        writer = ChecksumWriter(str(tmp))
+        plain, makers = split_deferred(sd, prefix="model.")
+        # DCP's file writer keeps a reference to every tensor of a file until the file is closed, so made tensors go
+        # one per file (else the whole model would be alive at the end of the single file).
+        writer = ChecksumWriter(str(tmp), single_file_per_rank=not makers)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.save({"model": sd, "step": torch.tensor(0, dtype=torch.int64)}, storage_writer=writer,
-                         no_dist=True)
+                dcp.save({"model": plain, "step": torch.tensor(0, dtype=torch.int64)}, storage_writer=writer,
+                         no_dist=True, planner=DeferredSavePlanner(makers))
             write_json(tmp / MODEL_ARGS, args.to_dict())
             write_json(tmp / METADATA, {"step": 0, "world_size": 1, "model_only": True, "checksums": writer.checksums,
                                         "torch_version": torch.__version__, **meta})

@@ -64,7 +64,8 @@ class Training:
     max_norm: float = 1.0
     """Clip the total gradient norm to this value (inf disables clipping)."""
     steps: int = 10000
-    """Number of optimizer steps to train for."""
+    """Number of optimizer steps to train for. 0: build, load or grow (and audit), save, stop: no optimizer step,
+    so no gradients or AdamW moments are ever allocated (a growth run for a model too big to train here)."""
     seed: int = 42
     """Random seed for model initialisation and data order."""
     deterministic: bool = False

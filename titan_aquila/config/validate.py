@@ -56,7 +56,7 @@ def option_errors(cfg) -> list[str]:
     need(t.seq_len >= 1, "training.seq_len", ">= 1")
     need(t.loss_chunk_size >= 1, "training.loss_chunk_size", ">= 1")
     need(t.max_norm > 0, "training.max_norm", "> 0 (inf disables clipping)")
-    need(t.steps >= 1, "training.steps", ">= 1")
+    need(t.steps >= 0, "training.steps", ">= 0")
     need(t.seed >= 0, "training.seed", ">= 0")
     need(t.num_workers >= 0, "training.num_workers", ">= 0")
     errors += mixture_errors(t.datasets, t.dataset_path)

@@ -1,6 +1,7 @@
 """HF safetensors <-> DCP checkpoints: `import_hf` (Llama, Qwen2, Mistral, Mixtral, Qwen2-MoE folders) and
 `export_hf` (a folder transformers loads with `AutoModelForCausalLM.from_pretrained`). Key and config maps are in
-`convert/hf_map.py`; the command line is `python -m titan_aquila.convert`."""
+`convert/hf_map.py`; the command line is `python -m titan_aquila.convert`. Both stream: shapes come from the
+safetensors headers / DCP metadata, then one tensor at a time is read, converted and written (peak: one tensor)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from pathlib import Path
 
 import torch
 
-from titan_aquila.checkpoint.storage import (check_output_folder, read_checkpoint_args, read_json, read_model_state_dict,
+from titan_aquila.checkpoint.storage import (check_integrity, check_output_folder, model_tensor_specs,
+                                             read_checkpoint_args, read_json, read_model_state_dict,
                                              resolve_checkpoint_dir, write_json, write_model_checkpoint)
+from titan_aquila.checkpoint.deferred import Deferred
 from titan_aquila.checkpoint.lineage import (check_vocab_fits, checkpoint_tokenizer, read_lineage, resolve_tokenizer,
                                              source_hf_info, tokenizer_files)
 from titan_aquila.convert.card import generation_config, model_card, special_ids, write_tokenizer
-from titan_aquila.convert.hf_map import (args_from_hf_config, export_arch, hf_config, hf_to_titan, key_map,
-                                         titan_to_hf)
+from titan_aquila.convert.hf_map import (args_from_hf_config, check_expert_bias, export_arch, hf_config,
+                                         hf_to_titan_lazy, key_map, titan_to_hf_groups)
 from titan_aquila.convert.progress import Progress
+from titan_aquila.convert.safetensors_stream import SafetensorsReader, write_safetensors
 from titan_aquila.errors import UserError
 from titan_aquila.logging import logger
 from titan_aquila.models.args import ModelArgs
@@ -86,23 +90,25 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     arch, args = args_from_hf_config(cfg)
     tok, files = _source_tokenizer(src, args)
     where = _safetensors_index(src)
-    handles: dict[Path, object] = {}
+    reader = SafetensorsReader()
     shards = sorted(set(where.values()))
     progress = Progress(f"import-hf {src.name}", len(where))
 
-    def get(name: str) -> torch.Tensor:
-        p = where[name]
-        if p not in handles:
-            handles[p] = open_safetensors(p)
-        try:
-            t = handles[p].get_tensor(name)
-        except Exception as e:  # data past the end of a truncated file
-            raise UserError(f"{p}: cannot read tensor {name} ({str(e).strip().splitlines()[0][:200]})") from None
-        progress.step(note=f"shard {shards.index(p) + 1}/{len(shards)}")
+    def get(name: str) -> torch.Tensor:  # reads the tensor's bytes
+        t = reader.read(where[name], name)
+        progress.step(note=f"shard {shards.index(where[name]) + 1}/{len(shards)}")
         return t.to(_dtype(dtype)) if _dtype(dtype) else t
 
-    sd = hf_to_titan(get, set(where), args, arch)
-    check_shapes(sd, args, arch)
+    def get_meta(name: str) -> torch.Tensor:  # the header's shape and dtype only
+        t = reader.meta(where[name], name)
+        return t.to(_dtype(dtype)) if _dtype(dtype) else t
+
+    # Streaming: DCP plans the checkpoint from the headers, then each of our tensors is read (and its experts
+    # stacked) only when its bytes are written, so the peak is one tensor, not the model.
+    shapes = hf_to_titan_lazy(get_meta, set(where), args, arch)
+    check_shapes({k: f() for k, f in shapes.items()}, args, arch)  # before any byte is written
+    makers = hf_to_titan_lazy(get, set(where), args, arch)
+    sd = {k: Deferred(f().to("meta"), makers[k]) for k, f in shapes.items()}
     source = f"hf:{arch}:{src.resolve()}"
     lineage = {**source_hf_info(src), "tokenizer": tok.fingerprint if tok else None,
                "stages": [{"kind": "import", "source": source, "model_name": cfg.get("_name_or_path") or src.name,
@@ -157,34 +163,6 @@ def _place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def save_safetensors(hf: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30) -> list[str]:
-    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger."""
-    from safetensors.torch import save_file
-
-    shards, cur, size = [], {}, 0
-    for name in sorted(hf):
-        n = hf[name].numel() * hf[name].element_size()
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name], size = hf[name], size + n
-    shards.append(cur)
-    progress = Progress(f"export-hf {folder.name.split('.tmp-')[0]}", len(hf))
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        progress.step(len(hf), "shard 1/1")
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for k, (fname, shard) in enumerate(zip(names, shards)):
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({key: fname for key in shard})
-        progress.step(len(shard), f"shard {k + 1}/{len(shards)}")
-    total = sum(t.numel() * t.element_size() for t in hf.values())
-    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return names
-
-
 def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype: str = "bfloat16",
               overwrite: bool = False, drop_expert_bias: bool = False, max_shard_bytes: int = 4 << 30,
               tokenizer: str | None = None) -> Path:
@@ -210,11 +188,30 @@ def export_hf(ckpt: str | Path, out: str | Path, arch: str | None = None, dtype:
             f"{args.vocab_size}: no tokenizer files written (pass --tokenizer)")
         tok = None
     ids = special_ids(tok, lineage) if tok is not None else dict(lineage.get("hf_ids") or {})
-    sd = {k: v.to(_dtype(dtype)) for k, v in read_model_state_dict(step_dir).items()}
-    hf = titan_to_hf(sd, args, arch, drop_expert_bias)
+    # Streaming: every HF name, shape and dtype comes from the DCP metadata; then one of our tensors at a time is
+    # read, split (experts) and appended to its safetensors file, so the peak is one tensor, not the model.
+    check_integrity(step_dir)
+    ours = model_tensor_specs(step_dir)
+    to = _dtype(dtype)
+
+    def read(name: str) -> torch.Tensor:
+        t = read_model_state_dict(step_dir, keys=[name], check=False)[name]
+        return t.to(to) if to else t
+
+    check_expert_bias(lambda k: read(k) if k in ours else None, args, drop_expert_bias)
+    groups = titan_to_hf_groups(set(ours), args, arch, to or torch.float32)
+    specs = [item for name, f in groups for item in f(ours[name].to(to) if name and to else ours.get(name))]
+    progress = Progress(f"export-hf {out.name}", len(specs))
+
+    def tensors():
+        for name, f in groups:
+            for item in f(read(name) if name else None):
+                progress.step()
+                yield item
+
     tmp = _prepare_out(out, overwrite)
     try:
-        files = save_safetensors(hf, tmp, max_shard_bytes)
+        files = write_safetensors(specs, tensors(), tmp, max_shard_bytes)
         write_json(tmp / "config.json", {**hf_config(args, arch, dtype), **ids})
         write_json(tmp / "generation_config.json", generation_config(lineage, ids))
         if tok is not None:

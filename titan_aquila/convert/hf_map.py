@@ -214,60 +214,80 @@ def key_map(args: ModelArgs, arch: str) -> list[tuple[str, str | list[str]]]:
     return out
 
 
-def titan_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, arch: str, drop_expert_bias: bool = False) -> dict:
-    """Our state dict -> HF tensors (contiguous, ready for safetensors)."""
-    hf: dict[str, torch.Tensor] = {}
+def check_expert_bias(get, args: ModelArgs, drop_expert_bias: bool) -> None:
     for i in args.moe_layer_ids:
-        bias = sd.get(f"layers.{i}.moe.expert_bias")
+        bias = get(f"layers.{i}.moe.expert_bias")
         if bias is not None and bool(bias.ne(0).any()) and not drop_expert_bias:
             raise UserError(f"layer {i} has a non-zero expert_bias (aux-loss-free balancing); HF routing has no such "
                             "term so the exported model would route differently; pass --drop-expert-bias to accept")
+
+
+def titan_to_hf_groups(names: set[str], args: ModelArgs, arch: str, dtype: torch.dtype):
+    """[(our name or None, f)]: f(our tensor) -> [(HF name, tensor)], in export order (our name None: the
+    zero-width Qwen2-MoE shared experts of `dtype`, made from nothing). An exporter reads one tensor at a time."""
+    out = []
     for ours, theirs in key_map(args, arch):
-        if ours not in sd:
+        if ours not in names:
             raise UserError(f"checkpoint lacks tensor {ours}")
-        t = sd[ours]
-        if ours.endswith("moe.experts.w2") and args.route_scale != 1.0:
-            t = t * args.route_scale  # fold the routing scale into W_down (module docstring)
-        if isinstance(theirs, list):
-            for e, name in enumerate(theirs):
-                hf[name] = t[e].contiguous()
-        else:
-            hf[theirs] = t.contiguous()
+        # fold the routing scale into W_down (module docstring)
+        scale = args.route_scale if ours.endswith("moe.experts.w2") and args.route_scale != 1.0 else 1.0
+
+        def convert(t, theirs=theirs, scale=scale):
+            t = t * scale if scale != 1.0 else t
+            if isinstance(theirs, list):
+                return [(n, t[e].contiguous()) for e, n in enumerate(theirs)]
+            return [(theirs, t.contiguous())]
+
+        out.append((ours, convert))
     if arch == "qwen2_moe" and not args.n_shared_experts:
         # Qwen2-MoE always has a gated shared expert: a zero-width one adds exactly 0.
-        F0 = torch.zeros(0, args.dim, dtype=sd["tok_embeddings.weight"].dtype)
-        for i in args.moe_layer_ids:
+        def zero_width(i: int):
             blk = f"model.layers.{i}.mlp."
-            hf.update({blk + "shared_expert.gate_proj.weight": F0, blk + "shared_expert.up_proj.weight": F0,
-                       blk + "shared_expert.down_proj.weight": F0.T.contiguous(),
-                       blk + "shared_expert_gate.weight": torch.zeros(1, args.dim, dtype=F0.dtype)})
+            F0 = torch.zeros(0, args.dim, dtype=dtype)
+            return [(blk + "shared_expert.gate_proj.weight", F0), (blk + "shared_expert.up_proj.weight", F0),
+                    (blk + "shared_expert.down_proj.weight", F0.T.contiguous()),
+                    (blk + "shared_expert_gate.weight", torch.zeros(1, args.dim, dtype=dtype))]
+        out += [(None, lambda _, i=i: zero_width(i)) for i in args.moe_layer_ids]
+    return out
+
+
+def titan_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs, arch: str, drop_expert_bias: bool = False) -> dict:
+    """Our state dict -> HF tensors (contiguous, ready for safetensors)."""
+    check_expert_bias(sd.get, args, drop_expert_bias)
+    hf: dict[str, torch.Tensor] = {}
+    for ours, convert in titan_to_hf_groups(set(sd), args, arch, sd["tok_embeddings.weight"].dtype):
+        hf.update(convert(sd[ours] if ours else None))
     return hf
 
 
-def hf_to_titan(get, names: set[str], args: ModelArgs, arch: str) -> dict[str, torch.Tensor]:
-    """HF tensors (read one at a time with `get(name)`) -> our state dict; UserError naming a missing tensor.
-    Also accepts transformers-5 fused expert tensors (`experts.gate_up_proj` [E, 2Fe, D], `experts.down_proj`)."""
-    sd: dict[str, torch.Tensor] = {}
+def hf_to_titan_lazy(get, names: set[str], args: ModelArgs, arch: str) -> dict:
+    """Our name -> a function that reads (with `get(name)`, one HF tensor at a time) and returns that one tensor;
+    UserError naming a missing HF tensor, raised when the function runs. Also accepts transformers-5 fused expert
+    tensors (`experts.gate_up_proj` [E, 2Fe, D], `experts.down_proj`)."""
 
     def need(name: str) -> torch.Tensor:
         if name not in names:
             raise UserError(f"safetensors files lack tensor '{name}'")
         return get(name)
 
-    for ours, theirs in key_map(args, arch):
+    def convert(ours: str, theirs) -> torch.Tensor:
         if isinstance(theirs, str):
-            sd[ours] = need(theirs)
-            continue
+            return need(theirs)
         prefix = theirs[0].split("experts.")[0] + "experts."
         if theirs[0] not in names and prefix + "gate_up_proj" in names:  # fused in-memory layout
             w = ours.rsplit(".", 1)[1]
             if w == "w2":
-                sd[ours] = need(prefix + "down_proj")
-            else:
-                gate, up = need(prefix + "gate_up_proj").chunk(2, dim=1)
-                sd[ours] = (gate if w == "w1" else up).contiguous()
-            continue
-        sd[ours] = torch.stack([need(n) for n in theirs])
+                return need(prefix + "down_proj")
+            gate, up = need(prefix + "gate_up_proj").chunk(2, dim=1)
+            return (gate if w == "w1" else up).contiguous()
+        return torch.stack([need(n) for n in theirs])
+
+    sd = {ours: (lambda ours=ours, theirs=theirs: convert(ours, theirs)) for ours, theirs in key_map(args, arch)}
     for i in args.moe_layer_ids:
-        sd[f"layers.{i}.moe.expert_bias"] = torch.zeros(args.n_experts, dtype=torch.float32)
+        sd[f"layers.{i}.moe.expert_bias"] = lambda: torch.zeros(args.n_experts, dtype=torch.float32)
     return sd
+
+
+def hf_to_titan(get, names: set[str], args: ModelArgs, arch: str) -> dict[str, torch.Tensor]:
+    """HF tensors (read one at a time with `get(name)`) -> our state dict; UserError naming a missing tensor."""
+    return {k: f() for k, f in hf_to_titan_lazy(get, names, args, arch).items()}

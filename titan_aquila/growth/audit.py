@@ -9,6 +9,7 @@ upcycling differs from its source: the audit then also reports each MoE layer's 
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from titan_aquila.checkpoint.storage import read_model_state_dict, resolve_checkpoint_dir
+from titan_aquila.checkpoint.weights import model_tensors, write_tensor
 from titan_aquila.evaluate import _all_reduce
 from titan_aquila.logging import logger
 from titan_aquila.models.aquila import build_model
@@ -30,7 +32,7 @@ from titan_aquila.train_utils import collect_expert_load, drop_fractions, load_f
 @torch.no_grad()
 def growth_audit(src_model, grown_model, batches, device, max_steps: int = -1, group=None) -> dict:
     """Losses of both models and the largest logit difference on the same batches (the grown model may be sharded:
-    it is called like in training, on this rank's batches; the source is a plain local copy)."""
+    it is called like in training, on this rank's batches; so is the source, sharded the same way or local)."""
     src_model.eval()
     grown_model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # src loss sum, grown loss sum, tokens
@@ -85,18 +87,42 @@ class GrowthAudit:
         return path
 
 
+def build_source(plan, src_dir: Path, device, dims=None) -> torch.nn.Module:
+    """The source model, FSDP2-sharded over the grown model's data-parallel shard ranks when it is (float32, reshard
+    after forward), so the audit never holds a full second model per rank: a meta build, then its tensors read
+    from the checkpoint a layer at a time into the local shards."""
+    # The source runs with the job's capacity setting too (a dense source has no experts to drop from).
+    src = build_model(plan.src_args.replace(capacity_factor=plan.dst_args.capacity_factor,
+                                            pad_to_capacity=plan.dst_args.pad_to_capacity), device="meta")
+    if dims is not None and dims.fsdp_enabled:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in src.layers.values():
+            fully_shard(block, mesh=dims.fsdp_mesh)
+        fully_shard(src, mesh=dims.fsdp_mesh)
+    src.to_empty(device=device)
+    targets = model_tensors(src)
+    layers: dict[str, list[str]] = {}
+    for name in targets:  # one read per layer: a layer's tensors are small, one read per tensor is slow
+        layers.setdefault(name.split(".")[1] if name.startswith("layers.") else "", []).append(name)
+    for names in layers.values():
+        for name, value in read_model_state_dict(src_dir, keys=names, check=False).items():
+            write_tensor(name, targets[name], value)
+    with torch.no_grad():
+        src.init_buffers()
+    return src
+
+
 def run_growth_audit(plan, source_path: str, audit_steps: int, model, val_loader, device, dp_group,
-                     dump_folder: str) -> GrowthAudit:
+                     dump_folder: str, dims=None) -> GrowthAudit:
     """Source vs freshly grown model on the same held-out batches, before any update (logged, and saved to
     <dump_folder>/growth_audit.json): a function-preserving growth shows equal losses and ~0 logit difference."""
     t0 = time.perf_counter()
     logger.info(f"growth audit ({plan.describe()}) on {'all' if audit_steps < 0 else audit_steps} validation batches")
-    # The source runs with the job's capacity setting too (a dense source has no experts to drop from).
-    src = build_model(plan.src_args.replace(capacity_factor=plan.dst_args.capacity_factor,
-                                            pad_to_capacity=plan.dst_args.pad_to_capacity), device="cpu")
-    src_dir = resolve_checkpoint_dir(source_path)
-    src.load_state_dict(read_model_state_dict(src_dir, verify=False), strict=True)  # verified by the growth load
-    numbers = growth_audit(src.to(device), model, val_loader, device, audit_steps, group=dp_group)
+    src = build_source(plan, resolve_checkpoint_dir(source_path), device, dims)
+    numbers = growth_audit(src, model, val_loader, device, audit_steps, group=dp_group)
+    del src
+    gc.collect()  # FSDP's hooks make reference cycles: without a collection the sharded source would stay alive
     # The grown model's expert counts from the audit batches (also resets them before training step 1).
     load = collect_expert_load(model, dp_group)
     drops = drop_fractions(collect_expert_load(model, dp_group, "tokens_dropped"), load)

@@ -1,8 +1,9 @@
-"""Growth at load: resolve the plan from `[growth]` (the source shape comes from its checkpoint), read the source,
-apply the transforms, and write the result into the (possibly sharded) model, or offline into a new checkpoint.
+"""Growth at load: resolve the plan from `[growth]` (the source shape comes from its checkpoint), then stream the
+transforms (growth/stream.py: one destination layer at a time, from the source tensors it needs) into the
+(possibly sharded) model, or offline into a new checkpoint, one tensor at a time as it is written.
 
     plan = resolve_growth(cfg, target_args)   # before the model is built: plan.dst_args is the shape
-    load_grown_weights(cfg, model, plan.dst_args, plan)   # each rank writes only its local shards
+    load_grown_weights(cfg, model, plan.dst_args, plan)   # layer by layer; each rank writes only its local shards
     grow_checkpoint(cfg, out)                 # offline: `python -m titan_aquila.growth`
 """
 
@@ -17,10 +18,11 @@ import torch
 from titan_aquila.checkpoint.storage import (args_diff, check_integrity, check_output_folder, read_checkpoint_args,
                                              read_model_state_dict, resolve_checkpoint_dir, write_model_checkpoint)
 from titan_aquila.checkpoint.lineage import carry_forward, check_vocab_fits, checkpoint_tokenizer, resolve_tokenizer
-from titan_aquila.checkpoint.weights import load_model_weights
+from titan_aquila.checkpoint.weights import check_names, load_model_weights, model_tensors, write_tensor
 from titan_aquila.config.validate import job_model_args
 from titan_aquila.errors import UserError
 from titan_aquila.growth import GrowthOptions, apply_growth, materialize, plan_growth
+from titan_aquila.growth.stream import GrowthStream
 from titan_aquila.logging import logger
 from titan_aquila.models.args import ModelArgs
 
@@ -43,7 +45,8 @@ def resolve_growth(cfg, target_args: ModelArgs):
 
 
 def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=None) -> None:
-    """Read the source checkpoint (every rank reads the small source in full), grow it, write the local shards."""
+    """Grow the source checkpoint into the (possibly sharded) model, one destination layer at a time: each group
+    reads only the source tensors it needs (growth/stream.py) and each rank writes only its local shards."""
     plan = plan if plan is not None else resolve_growth(cfg, model_args)
     diff = args_diff(plan.dst_args, model_args)
     if diff:
@@ -51,12 +54,29 @@ def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=
                         "resolve_growth(cfg, args).dst_args); differs in " +
                         ", ".join(f"{k} ({a} vs {b})" for k, a, b in diff))
     src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
-    check_integrity(src_dir, cfg.checkpoint.verify_checksums)
-    src_sd = read_model_state_dict(src_dir, verify=False)  # verified just above
+    check_integrity(src_dir, cfg.checkpoint.verify_checksums)  # once: the reads below skip the check
     logger.info(f"[growth] growing {src_dir} with {plan.describe()}: {plan.src_args.num_params():,} -> "
-        f"{plan.dst_args.num_params():,} parameters")
-    dst_sd = apply_growth(plan, src_sd, growth_options(cfg))
-    load_model_weights(model, dst_sd)
+        f"{plan.dst_args.num_params():,} parameters, one layer at a time into the local shards")
+    stream = growth_stream(plan, src_dir, growth_options(cfg))
+    if stream is None:
+        load_model_weights(model, apply_growth(plan, read_model_state_dict(src_dir, check=False), growth_options(cfg)))
+        return
+    template = model_tensors(model)
+    check_names(template, stream.names)
+    for group in stream.groups():
+        for name, value in group.items():
+            write_tensor(name, template[name], value)
+
+
+def growth_stream(plan, src_dir: Path, opts) -> GrowthStream | None:
+    """The streamed growth, or None when a transform needs tensor values that its shape-only pass cannot give
+    (e.g. padding initialised from the source's std with `.item()`): then every rank grows the whole model."""
+    try:
+        return GrowthStream(plan, src_dir, opts)
+    except (RuntimeError, NotImplementedError) as e:
+        logger.warning(f"growth {plan.describe()} cannot stream ({str(e).splitlines()[0][:80]}): every rank "
+                       "grows the whole model")
+        return None
 
 
 def plan_stage(cfg, plan) -> dict:
@@ -78,13 +98,13 @@ def grow_checkpoint(cfg, out: str | Path, overwrite: bool = False) -> Path:
     src_dir = resolve_checkpoint_dir(cfg.growth.source_path, "growth.source_path")
     check_integrity(src_dir, cfg.checkpoint.verify_checksums)
     t0 = time.time()
-    src_sd = read_model_state_dict(src_dir, verify=False)  # verified just above
     opts = growth_options(cfg)
-    grown = apply_growth(plan, src_sd, opts)
-    del src_sd  # the source tensors no output aliases are freed before the (largest) write phase
-    dst_sd = {}
-    for k in list(grown):  # pop as we go: a LazyExperts and its materialised copy are never both alive for long
-        dst_sd[k] = materialize(grown.pop(k)).contiguous()
+    stream = growth_stream(plan, src_dir, opts)
+    if stream is not None:
+        dst_sd = stream.deferred_state_dict()  # each tensor made when DCP writes it
+    else:
+        dst_sd = {k: materialize(v).contiguous()
+                  for k, v in apply_growth(plan, read_model_state_dict(src_dir, check=False), opts).items()}
     # The tokenizer goes with the weights: the given one (checked against the source's), else the source's.
     tok = resolve_tokenizer(cfg.model.tokenizer_path, src_dir, "model.tokenizer_path") \
         if cfg.model.tokenizer_path or checkpoint_tokenizer(src_dir) else None

@@ -13,8 +13,6 @@ This file knows nothing of parallelism: TP/EP/FSDP/compile are applied from the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,9 +34,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +76,6 @@ class Attention(nn.Module):
         v = v.repeat_interleave(group, dim=2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
-
-    def reset_parameters(self, init_std: float, out_std: float) -> None:
-        for lin in (self.wq, self.wk, self.wv):
-            nn.init.normal_(lin.weight, std=init_std)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        nn.init.normal_(self.wo.weight, std=out_std)
 
 
 class TransformerBlock(nn.Module):
@@ -132,22 +120,25 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """Embeddings and input projections ~ N(0, init_std^2); residual writers (wo, w2, expert w2) ~
         N(0, (init_std / sqrt(2L))^2) so the residual stream's variance does not grow with depth (GPT-2);
-        norms = 1; router ~ N(0, init_std^2); RoPE tables recomputed (they are lost on the meta device)."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        a = self.args
-        out_std = a.init_std / math.sqrt(2 * a.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=a.init_std)
-        for block in self.layers.values():
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-            block.attention.reset_parameters(a.init_std, out_std)
-            ffn = block.moe if block.moe_enabled else block.feed_forward
-            ffn.reset_parameters(a.init_std, out_std)
-        self.norm.reset_parameters()
-        if hasattr(self, "output"):
-            nn.init.normal_(self.output.weight, std=a.init_std)
+        norms = 1; router ~ N(0, init_std^2); RoPE tables recomputed (they are lost on the meta device).
+        Each tensor is drawn from generators seeded by (seed, its name) (models/init.py), so a sharded model
+        initialised shard by shard gets the same values. seed None: drawn from torch's global generator."""
+        from titan_aquila.models.init import initial_value
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        with torch.no_grad():
+            for name, t in self.state_dict(keep_vars=True).items():
+                t.copy_(initial_value(name, t, self.args, seed).build())
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """The non-persistent buffers (RoPE tables, expert token counters), which no checkpoint restores."""
         self.reset_rope()
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.tokens_per_expert.zero_()
+                module.tokens_dropped.zero_()
 
     def reset_rope(self) -> None:
         device = self.rope_cos.device
