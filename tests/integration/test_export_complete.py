@@ -122,7 +122,9 @@ def _train_config(tmp: Path, ck: Path, grow: bool = False, **sections) -> Path:
     from _util import tiny_config
 
     saved = json.loads((ck / "model_args.json").read_text())
-    overrides = {k: v for k, v in saved.items() if k not in ("use_grouped_mm", "max_seq_len", "z_loss_type")}
+    from titan_aquila.models.args import RUNTIME_FIELDS
+
+    overrides = {k: v for k, v in saved.items() if k not in RUNTIME_FIELDS and v is not None}
     start = {"checkpoint": {"enable": True, "interval": 2, "initial_load_path": str(ck),
                             "initial_load_model_only": True}}
     if grow:
