@@ -48,8 +48,8 @@ class _Stream(_logging.StreamHandler):
         return getattr(sys, self.name_)
 
     @stream.setter
-    def stream(self, _value) -> None:  # StreamHandler.__init__ assigns it; the live sys stream is always used
-        pass
+    def stream(self, _value) -> None:
+        """Ignored: StreamHandler.__init__ assigns a stream, but the live sys stream is always the one used."""
 
     def emit(self, record: _logging.LogRecord) -> None:
         if self.lo <= record.levelno < self.hi:

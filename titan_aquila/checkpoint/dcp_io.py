@@ -141,8 +141,8 @@ class _HashingStream(io.RawIOBase):
     def fileno(self) -> int:
         return self.raw.fileno()
 
-    def close(self) -> None:  # the underlying file is closed by its own context manager
-        pass
+    def close(self) -> None:
+        """Nothing to do: the underlying file is closed by its own context manager."""
 
 
 class _HashingFileSystem(FileSystem):

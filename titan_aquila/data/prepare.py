@@ -21,6 +21,7 @@ refused. See prepared.py for the format and for reading.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import multiprocessing as mp
@@ -224,7 +225,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass
+        return True  # it exists, owned by another user
     return True
 
 
@@ -278,10 +279,8 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer_path: str | Pat
             with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
                 results, shards = pool.imap(tokenize_unit, jobs), []  # imap keeps the units' order
                 while len(shards) < len(jobs):
-                    try:
+                    with contextlib.suppress(mp.TimeoutError):  # none finished in this interval: just redraw
                         shards.append(results.next(timeout=min(progress_every, 1.0)))
-                    except mp.TimeoutError:
-                        pass
                     progress.update(counters[0], counters[1])
         for s in shards:
             if s["n_tokens"] == 0:

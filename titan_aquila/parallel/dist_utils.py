@@ -7,6 +7,7 @@ frees tensors late (an open upstream bug, seen with torch 2.13 on CPU). Every di
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -54,7 +55,7 @@ def finish(code: int = 0) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        try:
+        with contextlib.suppress(Exception):  # a peer already gone: still exit with our own code
             if code == 0:
                 dist.barrier()
             elif code == 2 and dist.get_backend() == "gloo":
@@ -65,8 +66,6 @@ def finish(code: int = 0) -> None:
             elif code == 2:
                 dist.barrier()
             dist.destroy_process_group()
-        except Exception:  # a peer already gone: still exit with our own code
-            pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
