@@ -93,7 +93,7 @@ def main() -> None:
         model = model_from(args, sd)
         del sd
         v0 = val_loss(model, val, 128)
-        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         train_losses = []
         for b in batches:
             loss = F.cross_entropy(model(b[:, :-1])[0].flatten(0, 1), b[:, 1:].flatten())

@@ -15,6 +15,9 @@ from titan_aquila.models.aquila import build_model
 SRC = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64, qkv_bias=True)
 WIDE = dict(dim=64, n_heads=8, ffn_dim=96)
 CASES = {
+    "exact": (["exact"], dict(dim=48, n_heads=6, ffn_dim=64), {}),  # padding init from the source's std
+    "exact+upcycle": (["exact", "upcycle"], dict(dim=80, n_heads=10, ffn_dim=72, n_experts=4, top_k=2,
+                                                 moe_ffn_dim=72), {}),
     "aki+noise": (["aki"], WIDE, {"noise_std": 0.01}),
     "stack+noise": (["stack"], dict(n_layers=6), {"noise_std": 0.01}),
     "zero": (["zero"], dict(n_layers=5), {}),
@@ -91,11 +94,16 @@ def test_deferred_write_computes_each_group_once_and_writes_the_grown_tensors(so
     assert all(torch.equal(got[k], materialize(v)) for k, v in want.items())
 
 
-def test_a_transform_that_needs_values_falls_back_to_whole_model_growth(source):
-    """`exact` initialises its padding from the source's std (`.item()`): no shape-only pass can run it, so the
-    loader grows the whole model instead (correct, not streamed)."""
+def test_a_transform_that_needs_values_falls_back_to_whole_model_growth(source, monkeypatch):
+    """A transform that reads a tensor's value as a Python number (`.item()`) cannot run on shapes only: the loader
+    then grows the whole model instead (correct, not streamed), with a warning."""
+    from titan_aquila.growth import width
     from titan_aquila.growth.loader import growth_stream
 
+    def item_std_init(w, source, g, gen):
+        return w.mul_(source.float().std().item())  # a value the shape-only pass does not have
+
+    monkeypatch.setattr(width, "init_padding_columns_", item_std_init)
     opts = GrowthOptions(seed=3)
     plan = plan_growth(["exact"], SRC, SRC.replace(dim=48, n_heads=6, ffn_dim=64), opts)
     with pytest.raises(RuntimeError, match="meta"):

@@ -70,7 +70,7 @@ def load_grown_weights(cfg, model: torch.nn.Module, model_args: ModelArgs, plan=
 
 def growth_stream(plan, src_dir: Path, opts) -> GrowthStream | None:
     """The streamed growth, or None when a transform needs tensor values that its shape-only pass cannot give
-    (e.g. padding initialised from the source's std with `.item()`): then every rank grows the whole model."""
+    (a value read as a Python number, `.item()` and the like): then every rank grows the whole model."""
     try:
         return GrowthStream(plan, src_dir, opts)
     except (RuntimeError, NotImplementedError) as e:

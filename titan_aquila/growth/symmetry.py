@@ -72,7 +72,8 @@ def init_padding_columns_(w: torch.Tensor, source: torch.Tensor, g: UnitMap, gen
     pad = g.idx < 0
     if gen is None or not bool(pad.any()):
         return w
-    std = source.float().std().item()
+    # std as a 0-d tensor, not a Python float: streamed growth (growth/stream.py) first runs this on shapes only
+    std = source.float().std()
     cols = torch.randn(w.shape[0], int(pad.sum()), generator=gen, dtype=torch.float32) * std
     w[:, pad] = cols.to(w.dtype)
     return w
