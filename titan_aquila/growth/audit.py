@@ -87,19 +87,33 @@ class GrowthAudit:
         return path
 
 
+def source_mesh(dims):
+    """The mesh the audit's source is FSDP2-sharded over: the grown model's FSDP shard ranks times its TP ranks (TP
+    ranks read the same batches, so they run the source's forwards in step, and the source's heads need not divide
+    the TP degree); replicated over dp_replicate, like the grown model under HSDP. None in one process."""
+    if dims is None or not (dims.fsdp_enabled or dims.tp_enabled):
+        return None
+    names = tuple(n for n, size in (("dp_shard", dims.dp_shard), ("tp", dims.tp)) if size > 1)
+    if not names:  # dp_replicate only: nothing to shard over
+        return None
+    mesh = dims.world_mesh[names]
+    return mesh._flatten("audit_source") if len(names) > 1 else mesh
+
+
 def build_source(plan, src_dir: Path, device, dims=None) -> torch.nn.Module:
-    """The source model, FSDP2-sharded over the grown model's data-parallel shard ranks when it is (float32, reshard
-    after forward), so the audit never holds a full second model per rank: a meta build, then its tensors read
-    from the checkpoint a layer at a time into the local shards."""
+    """The source model, FSDP2-sharded (float32, reshard after forward) so that the audit never holds a full second
+    model per rank: a meta build, then its tensors read from the checkpoint a layer at a time into the local shards.
+    """
     # The source runs with the job's capacity setting too (a dense source has no experts to drop from).
     src = build_model(plan.src_args.replace(capacity_factor=plan.dst_args.capacity_factor,
                                             pad_to_capacity=plan.dst_args.pad_to_capacity), device="meta")
-    if dims is not None and dims.fsdp_enabled:
+    mesh = source_mesh(dims)
+    if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 
         for block in src.layers.values():
-            fully_shard(block, mesh=dims.fsdp_mesh)
-        fully_shard(src, mesh=dims.fsdp_mesh)
+            fully_shard(block, mesh=mesh)
+        fully_shard(src, mesh=mesh)
     src.to_empty(device=device)
     targets = model_tensors(src)
     layers: dict[str, list[str]] = {}
