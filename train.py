@@ -136,7 +136,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     from titan_aquila.growth.audit import run_growth_audit
     from titan_aquila.growth.loader import plan_stage, resolve_growth
     from titan_aquila.losses import fused_loss_plan
-    from titan_aquila.metrics import MetricsLogger, device_peak_flops
+    from titan_aquila.metrics import MetricsLogger, device_peak_flops, peak_memory_line
     from titan_aquila.models.aquila import build_model
     from titan_aquila.optim import apply_schedule, build_lr_scheduler, build_optimizer
     from titan_aquila.parallel.dist_utils import init_distributed
@@ -262,6 +262,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
             ckpt.maybe_save(step)
         ckpt.maybe_save(t.steps, force=True)
         ckpt.close()
+        logger.info(peak_memory_line(device))
     finally:
         metrics.close()
     return 0

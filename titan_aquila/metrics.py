@@ -113,6 +113,20 @@ def memory_gib(device: torch.device) -> float:
     return peak_rss_bytes() / 2 ** 30
 
 
+def peak_memory_line(device: torch.device, group=None) -> str:
+    """'peak memory per rank: 1.62, 1.65 GiB (...)': every rank's `memory_gib`, gathered (a collective: every rank
+    of `group` calls it), for the end of a run: what each rank needed, not only rank 0."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([memory_gib(device)], dtype=torch.float64, device=device)
+    every = [mine]
+    if dist.is_available() and dist.is_initialized():
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+    what = "max allocated" if device.type == "cuda" else "peak resident set, VmHWM"
+    return f"peak memory per rank: {', '.join(f'{t.item():.2f}' for t in every)} GiB ({what})"
+
+
 def drop_summary(drop_fracs: dict[int, float]) -> str:
     """'dropped 3.12% (max 5.00% layer 1)': assignments dropped at capacity, mean over MoE layers and the worst."""
     worst = max(drop_fracs, key=drop_fracs.get)

@@ -5,6 +5,8 @@ initial ones: a 4-rank FSDP2 x TP2 run and a 2-rank EP run (each rank drew only 
 the tensors `build_model(args, seed)` draws in one process. Then the first training step: identical step-1 losses at 1, 2 and 4 ranks.
 """
 
+import re
+
 import torch
 
 from _util import TINY, losses, run_train, tiny_config
@@ -40,5 +42,9 @@ def test_step_one_losses_equal_at_one_two_and_four_ranks(tmp_path):
         rc, out, err = run_train(cfg, *flags, nproc=nproc, timeout=400)
         assert rc == 0, err
         got[nproc] = losses(out)[1]
+        # the run's last line: every rank's peak resident set (a gather, so rank 0 can print the others')
+        peaks = re.search(r"^peak memory per rank: ([\d., ]+) GiB \(peak resident set, VmHWM\)$", out, re.M)
+        assert peaks and len(peaks.group(1).split(", ")) == nproc, out[-500:]
+        assert all(0.2 < float(x) < 8 for x in peaks.group(1).split(", ")), peaks.group(0)
     assert got[2] == got[1] and got[4] == got[1], got  # the same 4-decimal loss: same weights, same global batch
     assert 10.5 < got[1] < 11.2  # a fresh model: about ln(vocab 49152) = 10.8
