@@ -62,6 +62,7 @@ class StepParts:
     max_norm: float
     on_nonfinite: str
     bias_update_rate: float
+    fused_head: object  # its class: losses.FusedOutputLoss, or parallel/loss_parallel.py's under TP
 
 
 def train_step(p: StepParts, data_iter, step: int):
@@ -71,7 +72,6 @@ def train_step(p: StepParts, data_iter, step: int):
 
     import torch
 
-    from titan_aquila.losses import FusedOutputLoss
     from titan_aquila.train_utils import (collect_expert_load, combine_loss, full_grad_norm, reduce_mean,
                                           update_expert_bias)
 
@@ -81,7 +81,7 @@ def train_step(p: StepParts, data_iter, step: int):
         inputs, labels = (x.to(p.device) for x in next(data_iter))
         if p.fused_chunk:  # CE and output z come out of the model's forward; no [tokens, vocab] logits
             with p.autocast():
-                (ce, z_out), aux = p.model(inputs, head=FusedOutputLoss(labels, p.fused_chunk, p.coeffs[2]))
+                (ce, z_out), aux = p.model(inputs, head=p.fused_head(labels, p.fused_chunk, p.coeffs[2]))
             loss, detached = combine_loss(ce, z_out, aux, *p.coeffs[:2])
         else:
             with p.autocast():
@@ -135,7 +135,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     from titan_aquila.evaluate import validation_loss
     from titan_aquila.growth.audit import run_growth_audit
     from titan_aquila.growth.loader import plan_stage, resolve_growth
-    from titan_aquila.losses import fused_loss_plan
+    from titan_aquila.losses import FusedOutputLoss, fused_loss_plan
     from titan_aquila.metrics import MetricsLogger, device_peak_flops, peak_memory_line
     from titan_aquila.models.aquila import build_model
     from titan_aquila.optim import apply_schedule, build_lr_scheduler, build_optimizer
@@ -215,7 +215,13 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
         loss_fn = torch.compile(training_loss, backend=cfg.compile.backend)
         logger.info(f"[parallelize] torch.compile ({cfg.compile.backend}) of the training loss")
     elif cfg.compile.enable and "loss" in cfg.compile.components:
-        logger.info("[parallelize] compile.components 'loss' unused: the fused loss runs eagerly (GEMMs chunk by chunk)")
+        logger.info("[parallelize] compile.components 'loss' unused: the fused loss runs eagerly (GEMMs chunk by chunk"
+                    f"{'; collectives per chunk under TP' if dims.tp_enabled else ''})")
+    fused_head = FusedOutputLoss
+    if fused and dims.tp_enabled:
+        from titan_aquila.parallel.loss_parallel import VocabParallelOutputLoss
+
+        fused_head = VocabParallelOutputLoss  # vocab-parallel on a Shard(0) output weight, plain fused when tied
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -244,7 +250,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
 
     parts = StepParts(model, optimizer, scheduler, loss_fn, t.loss_chunk_size if fused else 0,
                       aux_coefficients(m, args), autocast, device,
-                      dp_group, accum, t.max_norm, t.on_nonfinite, m.bias_update_rate)
+                      dp_group, accum, t.max_norm, t.on_nonfinite, m.bias_update_rate, fused_head)
     data_iter = iter(train_loader)  # after ckpt.load(): a fresh iterator starts at the restored position
     try:
         for step in range(start + 1, t.steps + 1):

@@ -131,18 +131,26 @@ class FusedOutputLoss:
 
 
 def fused_loss_plan(cfg, model, tp_enabled: bool) -> tuple[bool, str]:
-    """(use the fused path?, the start-up line saying which path and why). Tensor parallelism falls back to the
-    plain path: its output layer is vocab-parallel (a DTensor weight and hooks on `output`), which the fused head
-    would bypass. A float8 output layer (removed from float8.filter_fqns) does too: the fused head multiplies by the
-    weight itself, so it would silently skip the float8 rounding the user asked for."""
-    t = cfg.training
+    """(use the fused path?, the start-up line saying which path and why). Under tensor parallelism the fused head
+    is titan_aquila/parallel/loss_parallel.py's (vocab-parallel: each rank its slice of the vocabulary) unless
+    parallelism.disable_loss_parallel asks for the output layer's gathered logits. A float8 output layer (removed
+    from float8.filter_fqns) takes the plain path: the fused head multiplies by the weight itself, so it would
+    silently skip the float8 rounding the user asked for."""
+    t, plain = cfg.training, "plain output layer + cross-entropy"
     if not t.fused_linear_cross_entropy:
-        return False, "[loss] plain output layer + cross-entropy (training.fused_linear_cross_entropy = false)"
-    reason = None
-    if tp_enabled:
-        reason = "tensor parallelism (vocab-parallel output layer)"
-    elif hasattr(model, "output") and type(model.output) is not torch.nn.Linear:
-        reason = f"the output layer is a {type(model.output).__name__}"
-    if reason:
-        return False, f"[loss] fused linear + cross-entropy is off under {reason}: plain output layer + cross-entropy"
-    return True, f"[loss] fused chunked linear + cross-entropy, {t.loss_chunk_size} tokens per chunk"
+        return False, f"[loss] {plain} (training.fused_linear_cross_entropy = false)"
+    if hasattr(model, "output") and type(model.output) is not torch.nn.Linear:
+        return False, (f"[loss] fused linear + cross-entropy is off under the output layer's "
+                       f"{type(model.output).__name__}: {plain}")
+    chunks = f"{t.loss_chunk_size} tokens per chunk"
+    if not tp_enabled:
+        return True, f"[loss] fused chunked linear + cross-entropy, {chunks}"
+    tp = cfg.parallelism.tensor_parallel_degree
+    if cfg.parallelism.disable_loss_parallel:
+        return False, (f"[loss] {plain}, the logits gathered over {tp} TP ranks "
+                       f"(parallelism.disable_loss_parallel = true)")
+    if model.args.tie_embeddings:
+        return True, (f"[loss] fused chunked linear + cross-entropy, {chunks}, on every TP rank (the tied "
+                      f"embedding table is replicated under tensor parallelism)")
+    return True, (f"[loss] loss parallel: vocab-parallel fused chunked linear + cross-entropy over {tp} TP ranks, "
+                  f"{chunks}; no rank holds logits over the whole vocabulary")

@@ -95,14 +95,26 @@ def test_model_head_equals_logits_then_training_loss(tie):
 
 
 def test_trainer_choice_of_path():
-    cfg = types.SimpleNamespace(training=types.SimpleNamespace(fused_linear_cross_entropy=True, loss_chunk_size=64))
+    cfg = types.SimpleNamespace(training=types.SimpleNamespace(fused_linear_cross_entropy=True, loss_chunk_size=64),
+                                parallelism=types.SimpleNamespace(tensor_parallel_degree=2, disable_loss_parallel=False))
     model = build_model(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, vocab_size=32))
     assert fused_loss_plan(cfg, model, tp_enabled=False) == (
         True, "[loss] fused chunked linear + cross-entropy, 64 tokens per chunk")
-    use, msg = fused_loss_plan(cfg, model, tp_enabled=True)
-    assert not use and "tensor parallelism" in msg
+    assert fused_loss_plan(cfg, model, tp_enabled=True) == (
+        True, "[loss] loss parallel: vocab-parallel fused chunked linear + cross-entropy over 2 TP ranks, 64 tokens "
+              "per chunk; no rank holds logits over the whole vocabulary")
+    tied = build_model(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, vocab_size=32,
+                                 tie_embeddings=True))
+    use, msg = fused_loss_plan(cfg, tied, tp_enabled=True)
+    assert use and "on every TP rank (the tied embedding table is replicated" in msg
+    cfg.parallelism.disable_loss_parallel = True
+    assert fused_loss_plan(cfg, model, tp_enabled=True) == (False, "[loss] plain output layer + cross-entropy, the "
+                                                            "logits gathered over 2 TP ranks "
+                                                            "(parallelism.disable_loss_parallel = true)")
+    assert fused_loss_plan(cfg, model, tp_enabled=False)[0]  # the option is about TP only
     cfg.training.fused_linear_cross_entropy = False
     assert not fused_loss_plan(cfg, model, tp_enabled=False)[0]
+    assert not fused_loss_plan(cfg, model, tp_enabled=True)[0]
 
 
 def test_no_grad_gives_the_loss_and_a_second_backward_is_refused():

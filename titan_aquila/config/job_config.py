@@ -163,6 +163,10 @@ class Parallelism:
     """Expert-parallel degree of MoE layers: experts are split over this many ranks (1 = off)."""
     enable_sequence_parallel: bool = True
     """With tensor parallelism, shard norm inputs and residual activations along the sequence."""
+    disable_loss_parallel: bool = False
+    """With tensor parallelism and the fused loss (training.fused_linear_cross_entropy): false = loss parallel, each
+    TP rank computes the loss on its slice of the vocabulary (no full logits); true = the output layer gathers the
+    logits and the plain cross-entropy runs on them."""
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     """Free all-gathered FSDP parameters after forward: 'always', 'never' (faster, more memory), or 'default'
     (the parallelize code's choice)."""
