@@ -20,31 +20,64 @@ PLAIN_LOSS = "--training.fused_linear_cross_entropy=false"
 
 
 def reference(tmp_path, name, *flags, **kw):
-    """The single-process run. A run on the plain loss path (TP; compile of the loss) compares against a plain
+    """The single-process run. A run on the plain loss path (compile of the loss) compares against a plain
     reference: fused and plain agree to fp32 rounding, which an MoE's discrete routing can amplify over steps."""
     rc, out, err = run_train(tiny_config(tmp_path, name=name, **kw), *flags)
     assert rc == 0, err
     return losses(out)
 
 
-@pytest.mark.parametrize("tied,sp", [(False, True), (True, False)])
-def test_tensor_parallel_equals_single_process(tmp_path, tied, sp):
-    kw = dict(overrides={"tie_embeddings": tied}, training={"local_batch_size": 2, "steps": 4})
-    ref = reference(tmp_path, "ref", **kw)
-    cfg = tiny_config(tmp_path, name="tp", **kw)
-    rc, out, err = run_train(cfg, "--parallelism.tensor_parallel_degree", "2",
-                             f"--parallelism.enable_sequence_parallel={str(sp).lower()}", nproc=2)
+TP_CASES = {  # (tied, sequence parallel, extra flags, the [loss] line)
+    "untied_sp": (False, True, (), "[loss] loss parallel: vocab-parallel fused chunked linear + cross-entropy over 2 "
+                                  "TP ranks, 24 tokens per chunk"),
+    "untied_compiled": (False, False, ("--compile.enable", "--compile.backend", "aot_eager", "--compile.components",
+                                       "model,loss"), "compile.components 'loss' unused: the fused loss runs eagerly "
+                                                      "(GEMMs chunk by chunk; collectives per chunk under TP)"),
+    "tied": (True, False, (), "[loss] fused chunked linear + cross-entropy, 24 tokens per chunk, on every TP rank"),
+    "untied_sp_disable_loss_parallel": (False, True, ("--parallelism.disable_loss_parallel",),
+                                        "[loss] plain output layer + cross-entropy, the logits gathered over 2 TP"),
+}
+
+
+def tp_kw(tied: bool) -> dict:
+    return dict(overrides={"tie_embeddings": tied}, training={"local_batch_size": 2, "steps": 4},
+                moe={"z_loss_type": "output_max", "z_loss_coeff": 1e-2})
+
+
+@pytest.fixture(scope="module")
+def tp_reference(tmp_path_factory):
+    """tied -> the plain single-process losses, run once for the TP cases that share them."""
+    cache = {}
+
+    def get(tied: bool) -> dict:
+        if tied not in cache:
+            cache[tied] = reference(tmp_path_factory.mktemp("tp_ref"), "ref", PLAIN_LOSS, **tp_kw(tied))
+        return cache[tied]
+    return get
+
+
+@pytest.mark.parametrize("case", list(TP_CASES))
+def test_tensor_parallel_equals_single_process(tmp_path, tp_reference, case):
+    """TP 2 against the plain path on one process, with the 'output_max' z-loss on (its gradient goes to one
+    vocab row, on one rank) and a loss chunk (24) that does not divide the 64 tokens: the vocab-parallel fused loss
+    (untied; with SP, and without it under compiled blocks), the fused loss on every rank (tied: the table is
+    replicated) and the gathered logits of parallelism.disable_loss_parallel. (Function-level: tests/integration/test_loss_parallel.py.)"""
+    tied, sp, flags, line = TP_CASES[case]
+    rc, out, err = run_train(tiny_config(tmp_path, name="tp", **tp_kw(tied)), "--parallelism.tensor_parallel_degree",
+                             "2", "--training.loss_chunk_size", "24",
+                             f"--parallelism.enable_sequence_parallel={str(sp).lower()}", *flags, nproc=2)
     assert rc == 0, err
-    assert "tensor parallel over 2 ranks" in out
-    assert_same_losses(losses(out), ref)
+    assert "tensor parallel over 2 ranks" in out and line in out
+    assert_same_losses(losses(out), tp_reference(tied))
 
 
 def test_tensor_parallel_moe_equals_single_process(tmp_path):
     kw = dict(flavor="debugmoe", overrides=MOE, training={"local_batch_size": 2, "steps": 3})
-    ref = reference(tmp_path, "ref", PLAIN_LOSS, **kw)  # TP runs the plain loss path
+    ref = reference(tmp_path, "ref", **kw)
     rc, out, err = run_train(tiny_config(tmp_path, name="tp", **kw), "--parallelism.tensor_parallel_degree", "2",
                              nproc=2)
     assert rc == 0, err
+    assert "[loss] loss parallel" in out
     assert_same_losses(losses(out), ref)
 
 
@@ -53,7 +86,7 @@ def test_fsdp2_x_tp2_on_four_ranks(tmp_path):
     cfg = tiny_config(tmp_path, name="2d", training={"local_batch_size": 2, "steps": 3})
     rc, out, err = run_train(cfg, "--parallelism.tensor_parallel_degree", "2", nproc=4, timeout=400)
     assert rc == 0, err
-    assert "FSDP2 over 2 ranks" in out and "tensor parallel over 2 ranks" in out
+    assert "FSDP2 over 2 ranks" in out and "tensor parallel over 2 ranks" in out and "[loss] loss parallel" in out
     assert_same_losses(losses(out), ref)
 
 
