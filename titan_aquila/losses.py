@@ -18,7 +18,8 @@ dh, a scatter-add of h into them for dW. The peak extra memory is one chunk's C 
 the weight-sized dW, instead of several N x V fp32 tensors (the plain path keeps the logits, their log-softmax and,
 in backward, a gradient of the same size). The arithmetic is that of the plain path (`F.linear` then
 `F.cross_entropy` on `.float()` logits): the same matmul dtype (the autocast dtype when autocast is on, else the
-operands') and fp32 softmax, so the results agree to rounding.
+operands') and fp32 softmax, so the results agree to rounding. Under tensor parallelism
+titan_aquila/parallel/loss_parallel.py runs the same computation on each rank's vocab rows of W (loss parallel).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ g and KV head g land on the same rank when t divides both H and G):
                                                         (expert parallelism, not TP, is how experts are split)
 
 Root: token embedding RowwiseParallel (vocab rows split, output Shard(1)); final norm SequenceParallel; output layer
-ColwiseParallel gathering the logits (Replicate). With tied embeddings the table is used twice with different
+ColwiseParallel gathering the logits (Replicate), which validation, the growth audit and
+parallelism.disable_loss_parallel use; the training loss otherwise bypasses it and runs on each rank's vocab rows of
+its weight (loss parallel: parallel/loss_parallel.py). With tied embeddings the table is used twice with different
 layouts, so it stays replicated (the tied models here are small). Without sequence parallelism the same plan runs
 with replicated activations.
 """
