@@ -9,6 +9,7 @@ round medians, so a slow period that hits one round hits both variants of that r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -58,8 +59,11 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from titan_aquila.metrics import cpu_bf16_flags
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "bf16_isa": cpu_bf16_flags(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "python": platform.python_version(), "loadavg_at_end": load}
 
 
@@ -117,12 +121,13 @@ def med(xs: list[float]) -> float:
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
 
 
-def profile_ops(fn: Callable[[], object], top: int = 12, iters: int = 1) -> dict:
-    """torch.profiler (CPU) over `iters` calls of `fn` after one untimed call: the `top` aten ops by self CPU time
+def profile_ops(fn: Callable[[], object], top: int = 12, iters: int = 1, warmup: int = 1) -> dict:
+    """torch.profiler (CPU) over `iters` calls of `fn` after `warmup` untimed calls: the `top` aten ops by self CPU time
     per call, and the share of all self time spent in GEMMs (GEMM_OPS) and in fused attention (SDPA kernels).
     Explains a ratio: two implementations that spend most of a step in the same GEMMs cannot differ by more than
     their non-GEMM remainder."""
-    fn()
+    for _ in range(warmup):
+        fn()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             fn()
@@ -134,6 +139,38 @@ def profile_ops(fn: Callable[[], object], top: int = 12, iters: int = 1) -> dict
             "top_ops": [{"op": e.key, "self_ms_per_call": e.self_cpu_time_total / 1e3 / iters,
                          "share": e.self_cpu_time_total / total, "calls_per_call": e.count // iters}
                         for e in ev[:top]]}
+
+
+# ---- memory ------------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def rss_bytes(part: str = "") -> int:
+    """Current resident set of this process: VmRSS, or one part of it: "Anon" (heap, tensors), "File" (mapped
+    files: the shared libraries' code pages as they are first executed)."""
+    return _status_kib(f"Rss{part}" if part else "VmRSS") * 1024
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the kernel (malloc_trim), so that the resident set
+    is the memory still in use and memory freed by one configuration is not silently reused by the next."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to trim
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's VmHWM to its current VmRSS (Linux: `5` into /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 # ---- dtypes ------------------------------------------------------------------------------------------------
@@ -178,11 +215,11 @@ def build_ours(model_args, seed: int = 0):
     return build_model(model_args, device="cpu", seed=seed)
 
 
-def build_hf_twin(ours, model_args):
-    """HF LlamaForCausalLM / MixtralForCausalLM (sdpa attention, HF's default experts implementation) holding the
-    same weights as `ours`, so both compute the same function (checked by `max_logit_diff`)."""
+def hf_model(model_args):
+    """HF LlamaForCausalLM / MixtralForCausalLM (sdpa attention, HF's default experts implementation) of the same
+    architecture as `model_args`, with HF's own random init."""
     import transformers
-    from titan_aquila.convert.hf_map import export_arch, hf_config, titan_to_hf
+    from titan_aquila.convert.hf_map import export_arch, hf_config
 
     transformers.logging.set_verbosity_error()
     arch = export_arch(model_args)
@@ -191,7 +228,16 @@ def build_hf_twin(ours, model_args):
     cfg = {k: v for k, v in hf_config(model_args, arch).items() if k not in ("architectures", "model_type")}
     config = conf_cls(**cfg)
     config._attn_implementation = "sdpa"
-    hf = getattr(transformers, cls_name)(config)
+    return getattr(transformers, cls_name)(config).train()
+
+
+def build_hf_twin(ours, model_args):
+    """`hf_model` holding the same weights as `ours`, so both compute the same function (checked by
+    `max_logit_diff`)."""
+    from titan_aquila.convert.hf_map import export_arch, titan_to_hf
+
+    arch = export_arch(model_args)
+    hf = hf_model(model_args)
     sd = titan_to_hf(ours.state_dict(), model_args, arch)
     if arch == "mixtral":  # transformers 5 keeps experts fused in memory: gate_up_proj [E, 2F, D], down_proj [E, D, F]
         for i in range(model_args.n_layers):
@@ -237,6 +283,35 @@ def max_logit_diff(fwd_a, fwd_b, tokens) -> float:
         return (fwd_a(tokens)[0].float() - fwd_b(tokens)[0].float()).abs().max().item()
 
 
+class BlockSwitch:
+    """The eager and the per-block compiled decoder blocks of one model, sharing parameters; `use(mode)` puts one
+    set in the model, so eager and compiled steps of the same model (and optimizer) can be interleaved.
+    Ours compiles as train.py does (`parallelize.apply_compile`: fullgraph dense blocks; fp32 MoE experts stay
+    eager); HF compiles each decoder layer whole (what `compile_blocks` does)."""
+
+    def __init__(self, model, hf: bool):
+        self.model, self.hf = model, hf
+        self.container = model.model.layers if hf else model.layers
+        self.keys = list(range(len(self.container))) if hf else list(self.container.keys())
+        self.blocks = {"eager": [self.container[k] for k in self.keys]}
+
+    def compile(self) -> None:
+        if self.hf:
+            compile_blocks(self.model, hf=True, moe=False)
+        else:
+            from titan_aquila.config.job_config import Compile
+            from titan_aquila.parallel.parallelize import apply_compile
+
+            apply_compile(self.model, Compile(enable=True))
+        self.blocks["compiled"] = [self.container[k] for k in self.keys]
+        self.use("eager")
+
+    def use(self, mode: str) -> None:
+        for k, block in zip(self.keys, self.blocks[mode]):
+            if self.container[k] is not block:
+                self.container[k] = block
+
+
 def compile_blocks(model, hf: bool, moe: bool) -> None:
     """torch.compile each decoder block (the trainer's strategy, parallelize.apply_compile), for either model."""
     if hf:
@@ -273,7 +348,18 @@ def train_step_fn(forward, params, tokens, labels, bf16: bool, aux_coeff: float 
         if opt is not None:
             opt.step()
         return loss.detach()
+    step.optimizer = opt  # for prime_optimizer
     return step
+
+
+def prime_optimizer(opt) -> None:
+    """Create the optimizer's state (AdamW: exp_avg, exp_avg_sq) by one step on zero gradients, so that the next
+    training step already holds the steady-state memory (parameters + state + gradients + activations)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def random_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
