@@ -37,14 +37,18 @@ configuration is measured alone in this process: free everything (gc + glibc mal
 is still in use), reset the high-water mark to the current RSS (`5` into /proc/self/clear_refs), build that
 configuration's model, compile it if compiled, create its AdamW state (one step on zero gradients), run one
 training step, and read VmHWM; then tear it down (torch._dynamo.reset). `delta_gib` = VmHWM - RSS before the build is
-the configuration's own peak: parameters + AdamW state + gradients + activations + (compiled) compilation, exactly
-what a training process of that configuration holds above its imports at its first step, its peak (later steps hold
-the same minus the compile transient). Chosen over a fresh subprocess per configuration because a fresh process
-costs 6-16 s of imports here (the --smoke test would triple) while giving the same number: both count exactly the
-pages touched after the reset. `peak_rss_gib` is the VmHWM itself (includes the imports and what earlier
-configurations left, e.g. loaded kernels); `baseline_rss_gib` (top level) is the RSS after imports. The HF model of a
-memory probe has HF's own random init (same shapes, so the same memory; MoE routing differs, not the T*k rows).
-Inductor's compile worker processes are not counted (their memory is their own).
+the configuration's own peak: parameters + AdamW state + gradients + activations + (compiled) compilation, what a
+training process of that configuration holds above its imports at its first step, its peak (later steps hold the same
+minus the compile transient). The first step of any model in a process also allocates one-time state (lazy imports,
+kernel caches; dynamo and inductor for compiled: 0.07-0.14 GiB measured at SmolLM2 width), which would be charged to
+whichever configuration runs first; a tiny run of each code path (`prime_code_paths`) pays it beforehand, so each
+configuration is measured in the same state whatever its order (measured: a configuration probed first or after
+another agrees within 1.5%). That is why this, and not a fresh subprocess per configuration: a fresh process would
+add that one-time cost to every configuration, plus 6-16 s of imports each here. `file_pages_gib` is the part of the
+delta that is shared-library code paged in (about 0 after priming); `peak_rss_gib` is the VmHWM itself (includes
+the imports and what earlier configurations left resident); `baseline_rss_gib` (top level) is the RSS after imports.
+The HF model of a memory probe has HF's own random init (same shapes, so the same memory; MoE routing differs, not
+the T*k expert rows). Inductor's compile worker processes are not counted (their memory is their own).
 
 After the timing, the best variant of each framework runs one step under torch.profiler (common.profile_ops):
 `profile.<variant>.gemm_share` is the share of its step spent in GEMM kernels, which both implementations call with
@@ -58,6 +62,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from common import (BlockSwitch, base_parser, bf16_gemm_probe, build_hf_twin, build_ours, default_dtypes, hf_forward,
                     hf_model, interleaved, max_logit_diff, med, ours_forward, prime_optimizer, profile_ops,
@@ -190,12 +195,20 @@ def run_config(kind: str, dtype: str, a) -> dict:
     variants = variant_list(kind, a)
     print(f"{kind} {dtype}: {margs.num_params() / 1e6:.1f}M params ({margs.num_params(active=True) / 1e6:.1f}M "
           f"active), batch {a.batch} x {a.seq}, variants {', '.join(v[0] for v in variants)}", flush=True)
+    clock = [time.perf_counter()]
+    phase_s = {}
+
+    def lap(name: str) -> None:  # wall seconds of each phase, to size a run
+        clock.append(time.perf_counter())
+        phase_s[name] = clock[-1] - clock[-2]
+
     memory = {}
     if a.memory:
         for name, model, mode in variants:
             memory[name] = memory_probe(model, mode, kind, dtype, margs, tokens, labels, a)
             print(f"  memory {name}: peak {memory[name]['peak_rss_gib']:.2f} GiB, +{memory[name]['delta_gib']:.2f} "
                   f"GiB over the {memory[name]['rss_before_gib']:.2f} GiB before it", flush=True)
+    lap("memory")
     models = build_models(kind, margs, a)
     diff = max_logit_diff(ours_forward(models["ours"]), hf_forward(models["hf"]), tokens)
     print(f"  max|logit diff| ours vs HF {diff:.2e}", flush=True)
@@ -209,16 +222,24 @@ def run_config(kind: str, dtype: str, a) -> dict:
     fns = {name: (lambda sw=switches[m], mode=mode, step=step_fns[m]: (sw.use(mode), step())[1])
            for name, m, mode in variants}
     failed: dict[str, str] = {}
+    lap("build")
     warmup_s = warm_up(fns, variants, failed)
+    lap("warmup")
     variants = [v for v in variants if v[0] in fns]
     # The GEMM peak of this dtype is one more interleaved variant, so MFU compares with a peak taken next to it.
     peaks: list[float] = []
     fns["gemm"] = lambda: peaks.append(measure_peak_flops(torch.device("cpu"), DTYPES[dtype], n=1024, iters=3))
+    graphs = counters["stats"]["unique_graphs"]
     per_round = interleaved(fns, a.rounds, reps=a.reps, warmup=0)
+    lap("timing")
+    recompiled = counters["stats"]["unique_graphs"] - graphs  # swapping eager/compiled blocks must not recompile
+    if recompiled:
+        print(f"  warning: {recompiled} graph(s) compiled during the timed rounds", flush=True)
     ntok, fpt, peak = a.batch * a.seq, margs.flops_per_token(a.seq), max(peaks)
     row = {"model": kind, "dtype": dtype, "params": margs.num_params(), "active_params": margs.num_params(active=True),
            "tokens_per_step": ntok, "max_logit_diff": diff, "target_speedup": TARGET[kind],
-           "gemm_peak_gflops": peak / 1e9, "variants": {}, "failed": failed}
+           "gemm_peak_gflops": peak / 1e9, "variants": {}, "failed": failed,
+           "graphs_compiled_while_timing": recompiled}
     for name, model, mode in variants:
         t = med(per_round[name])
         row["variants"][name] = {"framework": framework(model), "model": model, "mode": mode, "step_ms": t * 1e3,
@@ -243,6 +264,8 @@ def run_config(kind: str, dtype: str, a) -> dict:
         row["profile"] = {n: profile_ops(fns[n], top=10, warmup=0) for n in best.values()}
         print("  GEMM share of step time: " + ", ".join(f"{n} {100 * p['gemm_share']:.0f}%"
                                                       for n, p in row["profile"].items()), flush=True)
+    lap("profile")
+    row["phase_s"] = phase_s
     v = row["variants"]
     print(f"  -> best: ours {best['ours']} {v[best['ours']]['tokens_per_s']:.0f} tok/s, HF {best['hf']} "
           f"{v[best['hf']]['tokens_per_s']:.0f} tok/s: {row['speedup_best_vs_best']:.2f}x (target {TARGET[kind]}x); "

@@ -38,12 +38,37 @@ def test_throughput(tmp_path):
     doc = run_bench("bench_throughput", tmp_path)
     rows = doc["results"]
     assert {(r["model"], r["dtype"]) for r in rows} == {(m, d) for m in ("dense", "moe") for d in ("fp32", "bf16")}
+    assert isinstance(doc["machine"]["bf16_isa"], list) and positive(doc["baseline_rss_gib"])
+    assert positive(doc["bf16_probe"]["fp32_gflops"]) and positive(doc["bf16_probe"]["bf16_gflops"])
     for r in rows:
         assert r["max_logit_diff"] < 1e-4, r  # same weights, same function (checked in fp32)
-        assert positive(r["speedup_vs_hf"]) and positive(r["ours_tokens_per_s"]) and positive(r["hf_tokens_per_s"])
-        assert r["tokens_per_step"] == 2 * 32
+        assert r["tokens_per_step"] == 2 * 32 and not r["failed"] and r["graphs_compiled_while_timing"] == 0
+        names = {"ours.eager", "hf.eager"} | ({"hf_loop.eager"} if r["model"] == "moe" else set())
+        assert set(r["variants"]) == names, r["variants"].keys()
+        assert r["best"]["ours"] == "ours.eager" and r["best"]["hf"] in names - {"ours.eager"}
+        assert positive(r["speedup_best_vs_best"]) and r["target_met"] == (r["speedup_best_vs_best"] >= r["target_speedup"])
+        for name, v in r["variants"].items():
+            assert v["framework"] == name.split(".")[0].split("_")[0] and v["mode"] == "eager"
+            assert positive(v["tokens_per_s"]) and positive(v["mfu_pct"]) and len(v["warmup_s"]) == 1
+            # the step holds fp32 parameters, gradients and AdamW's two moments at once (bf16 is autocast)
+            assert v["memory"]["delta_gib"] * 2**30 >= 16 * r["params"], (name, v["memory"])
+            assert v["memory"]["peak_rss_gib"] >= v["memory"]["rss_before_gib"] + v["memory"]["delta_gib"] - 1e-9
         if r["model"] == "moe":
             assert r["active_params"] < r["params"] and positive(r["speedup_vs_hf_loop"])
+
+
+def test_throughput_presets(monkeypatch):
+    """The presets are the real shapes (SmolLM2-135M: 134,515,008 parameters) and explicit flags override them."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_throughput as bt
+
+    a = bt.parse(["--preset", "smollm2"])
+    assert (a.models, a.seq, a.batch, a.modes, a.tie) == ("dense", 1024, 1, "eager,compiled", True)
+    assert bt.model_args("dense", a).num_params() == 134_515_008
+    b = bt.parse(["--preset", "smollm2_moe", "--layers", "2", "--seq", "128", "--no-tie"])
+    m = bt.model_args("moe", b)
+    assert (b.models, b.seq, b.tie, b.hf_loop, m.n_layers, m.n_experts, m.top_k, m.moe_ffn_dim) == \
+        ("moe", 128, False, False, 2, 8, 2, 1536)
 
 
 def test_fused_loss(tmp_path):
