@@ -318,6 +318,10 @@ def parse(argv=None):
         a.modes = a.modes or "eager"
         a.dtypes = a.dtypes or "fp32,bf16"  # tiny shapes: bf16 is cheap even where it is emulated
     a.modes = a.modes or "eager,compiled"
+    for flag, value, allowed in (("--modes", a.modes, {"eager", "compiled"}), ("--models", a.models, set(TARGET)),
+                                 ("--dtypes", a.dtypes or "fp32", set(DTYPES))):
+        if not value or not set(value.split(",")) <= allowed:
+            p.error(f"{flag} {value!r}: a comma list of {', '.join(sorted(allowed))}")
     return a
 
 
