@@ -62,7 +62,6 @@ import sys
 import time
 
 import torch
-from torch._dynamo.utils import counters
 
 from common import (BlockSwitch, base_parser, bf16_gemm_probe, build_hf_twin, build_ours, default_dtypes, hf_forward,
                     hf_model, interleaved, max_logit_diff, med, ours_forward, prime_optimizer, profile_ops,
@@ -73,10 +72,10 @@ from titan_aquila.metrics import cpu_bf16_report, measure_peak_flops, peak_rss_b
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET = {"dense": 1.2, "moe": 1.3}
 GIB = 2 ** 30
-_SMOLLM2 = dict(dim=576, heads=9, kv_heads=3, ffn_dim=1536, vocab=49152, tie=True, batch=1, seq=1024,
-                modes="eager,compiled", rounds=2, reps=1)
-PRESETS = {"smollm2": dict(_SMOLLM2, models="dense", layers=30),
-           "smollm2_moe": dict(_SMOLLM2, models="moe", layers=8, hf_loop=False)}
+_SMOLLM2 = {"dim": 576, "heads": 9, "kv_heads": 3, "ffn_dim": 1536, "vocab": 49152, "tie": True, "batch": 1,
+            "seq": 1024, "modes": "eager,compiled", "rounds": 2, "reps": 1}
+PRESETS = {"smollm2": {**_SMOLLM2, "models": "dense", "layers": 30},
+           "smollm2_moe": {**_SMOLLM2, "models": "moe", "layers": 8, "hf_loop": False}}
 
 
 def model_args(kind: str, a):
@@ -178,7 +177,7 @@ def warm_up(fns: dict, variants: list, failed: dict) -> dict[str, list[float]]:
                 t0 = time.perf_counter()
                 fns[name]()
                 times[name].append(time.perf_counter() - t0)
-        except Exception as e:  # noqa: BLE001 -- HF compile support varies by version; ours must work
+        except Exception as e:  # HF's compile support varies by version; ours must work
             if framework(model) == "ours" or mode != "compiled":
                 raise
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -190,6 +189,8 @@ def warm_up(fns: dict, variants: list, failed: dict) -> dict[str, list[float]]:
 
 
 def run_config(kind: str, dtype: str, a) -> dict:
+    from torch._dynamo.utils import counters
+
     margs = model_args(kind, a)
     tokens, labels = random_batch(margs.vocab_size, a.batch, a.seq, a.seed)
     variants = variant_list(kind, a)
@@ -331,6 +332,13 @@ def main(argv=None) -> int:
     import gc
 
     gc.freeze()  # the imported modules' objects: each memory probe's gc.collect() then skips them (0.3 s -> ms)
+    if a.memory:
+        try:
+            reset_peak_rss()
+        except OSError as e:
+            print(f"error: the peak RSS per configuration needs a writable /proc/self/clear_refs ({e}); "
+                  f"run with --no-memory", file=sys.stderr)
+            return 2
     release_free_memory()
     baseline = rss_bytes()
     dtypes, probe = default_dtypes(a.dtypes)

@@ -45,14 +45,16 @@ def test_throughput(tmp_path):
         assert r["tokens_per_step"] == 2 * 32 and not r["failed"] and r["graphs_compiled_while_timing"] == 0
         names = {"ours.eager", "hf.eager"} | ({"hf_loop.eager"} if r["model"] == "moe" else set())
         assert set(r["variants"]) == names, r["variants"].keys()
-        assert r["best"]["ours"] == "ours.eager" and r["best"]["hf"] in names - {"ours.eager"}
-        assert positive(r["speedup_best_vs_best"]) and r["target_met"] == (r["speedup_best_vs_best"] >= r["target_speedup"])
-        for name, v in r["variants"].items():
-            assert v["framework"] == name.split(".")[0].split("_")[0] and v["mode"] == "eager"
-            assert positive(v["tokens_per_s"]) and positive(v["mfu_pct"]) and len(v["warmup_s"]) == 1
+        v = r["variants"]
+        assert r["best"]["ours"] == "ours.eager"  # each framework's best = its fastest variant
+        assert r["best"]["hf"] == min((n for n in v if v[n]["framework"] == "hf"), key=lambda n: v[n]["step_ms"])
+        speedup = r["speedup_best_vs_best"]
+        assert positive(speedup) and r["target_met"] == (speedup >= r["target_speedup"])
+        for name, var in v.items():
+            assert var["framework"] == name.split(".")[0].split("_")[0] and var["mode"] == "eager"
+            assert positive(var["tokens_per_s"]) and positive(var["mfu_pct"]) and len(var["warmup_s"]) == 1
             # the step holds fp32 parameters, gradients and AdamW's two moments at once (bf16 is autocast)
-            assert v["memory"]["delta_gib"] * 2**30 >= 16 * r["params"], (name, v["memory"])
-            assert v["memory"]["peak_rss_gib"] >= v["memory"]["rss_before_gib"] + v["memory"]["delta_gib"] - 1e-9
+            assert var["memory"]["delta_gib"] * 2**30 >= 16 * r["params"], (name, var["memory"])
         if r["model"] == "moe":
             assert r["active_params"] < r["params"] and positive(r["speedup_vs_hf_loop"])
 
