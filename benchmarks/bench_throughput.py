@@ -40,10 +40,10 @@ training step, and read VmHWM; then tear it down (torch._dynamo.reset). `delta_g
 the configuration's own peak: parameters + AdamW state + gradients + activations + (compiled) compilation, what a
 training process of that configuration holds above its imports at its first step, its peak (later steps hold the same
 minus the compile transient). The first step of any model in a process also allocates one-time state (lazy imports,
-kernel caches; dynamo and inductor for compiled: 0.07-0.14 GiB measured at SmolLM2 width), which would be charged to
-whichever configuration runs first; a tiny run of each code path (`prime_code_paths`) pays it beforehand, so each
+kernel caches, for compiled dynamo and inductor themselves; 0.06-0.14 GiB for an eager step at SmolLM2 width, 4
+layers), which would be charged to whichever configuration runs first; a tiny run of each code path (`prime_code_paths`) pays it beforehand, so each
 configuration is measured in the same state whatever its order (measured: a configuration probed first or after
-another agrees within 1.5%). That is why this, and not a fresh subprocess per configuration: a fresh process would
+another agrees within 2%). That is why this, and not a fresh subprocess per configuration: a fresh process would
 add that one-time cost to every configuration, plus 6-16 s of imports each here. `file_pages_gib` is the part of the
 delta that is shared-library code paged in (about 0 after priming); `peak_rss_gib` is the VmHWM itself (includes
 the imports and what earlier configurations left resident); `baseline_rss_gib` (top level) is the RSS after imports.
