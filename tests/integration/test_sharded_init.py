@@ -8,6 +8,7 @@ the tensors `build_model(args, seed)` draws in one process. Then the first train
 import re
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from _util import TINY, losses, run_train, tiny_config
 from titan_aquila.checkpoint.storage import read_model_state_dict
@@ -25,7 +26,10 @@ def test_initial_weights_are_bit_identical_for_any_layout(tmp_path):
                           checkpoint={"enable": True})
         rc, out, err = run_train(cfg, *flags, nproc=nproc, timeout=400)
         assert rc == 0, err
-        saved[name] = read_model_state_dict(tmp_path / name / "checkpoint" / "step-0")
+        step0 = tmp_path / name / "checkpoint" / "step-0"
+        saved[name] = read_model_state_dict(step0)
+        # no optimizer step, no optimizer state saved (creating it would cost 3x the weights, all zeros)
+        assert not any(k.startswith("optimizer") for k in FileSystemReader(str(step0)).read_metadata().state_dict_metadata)
     # ... against what build_model draws in one process without any parallel code
     want = build_model(build_model_args("debugmoe", {**TINY, **MOE}), seed=7).state_dict()
     for name, sd in saved.items():

@@ -179,7 +179,8 @@ class CheckpointManager:
         dl_key, rng_keys = None, []
         if not model_only:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            if self.optimizer is not None:
+            fresh_optimizer = "optimizer_param_groups" not in keys and int(meta.get("step", -1)) == 0
+            if self.optimizer is not None and not fresh_optimizer:  # a step-0 save holds no optimizer state
                 state["optimizer"] = {"state": get_optimizer_state_dict(self.model, self.optimizer)["state"]}
                 blobs.append("optimizer_param_groups")
             if self.lr_scheduler is not None:
@@ -199,7 +200,7 @@ class CheckpointManager:
         step = int(meta.get("step", 0))
         if not model_only:
             step = int(state["step"])
-            if self.optimizer is not None:
+            if "optimizer" in state:
                 osd = {"state": state["optimizer"]["state"], "param_groups": from_blob(state["optimizer_param_groups"])}
                 set_optimizer_state_dict(self.model, self.optimizer, osd)
             if self.lr_scheduler is not None:
@@ -283,7 +284,8 @@ class CheckpointManager:
             dtype = getattr(torch, self.cfg.checkpoint.export_dtype)
             return {"model": {k: v.to(dtype) for k, v in msd.items()}, "step": torch.tensor(step, dtype=torch.int64)}
         state = {"model": msd, "step": torch.tensor(step, dtype=torch.int64)}
-        if self.optimizer is not None:
+        # No step yet (training.steps = 0): no optimizer state to save (asking would allocate 3x the weights of zeros)
+        if self.optimizer is not None and self.optimizer.state:
             osd = get_optimizer_state_dict(self.model, self.optimizer)
             state["optimizer"] = {"state": osd["state"]}
             state["optimizer_param_groups"] = to_blob(osd["param_groups"])
