@@ -1,6 +1,6 @@
 """Real-model Scale-Up: SmolLM2-135M grown by fpi / aki / aki_pro (+ depth) / exact, then continued pretraining.
 
-    python experiments/smollm2_scale_up.py --steps 8 --seq-len 64     # what docs/results.md records (see there)
+    python experiments/smollm2_scale_up.py --steps 40 --batch 1 --seq-len 128 --val-tokens 512 --threads 2  # docs/results.md
 
 AquilaMoE Tables 1-2 on a real pretrained model: the held-out loss right after growth (step 0) and after K AdamW steps
 of continued pretraining on the shipped Austen text, next to SmolLM2 itself trained on the same K batches. Every
