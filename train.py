@@ -150,6 +150,10 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
         torch.use_deterministic_algorithms(True)
+    if t.return_freed_host_memory:  # first: before the growth and the audit leave holes in the heap
+        from titan_aquila.host_memory import return_freed_memory_to_os
+
+        logger.info(return_freed_memory_to_os())
     device = init_distributed()
     rank, _, world = world_info()
     dims.build_mesh(device.type)
@@ -223,6 +227,9 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
 
         fused_head = VocabParallelOutputLoss  # vocab-parallel on a Shard(0) output weight, plain fused when tied
 
+    # Validation takes the training loss's path: fused, and under TP vocab-parallel (no gathered logits).
+    val_head = (lambda labels: fused_head(labels, t.loss_chunk_size, False)) if fused else None
+
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
@@ -233,7 +240,7 @@ def train(cfg, args: ModelArgs, dims: ParallelDims, accum: int) -> int:
     def validate(step: int) -> None:
         t0 = time.perf_counter()
         logger.info(f"validation at step {step} started ({'all' if v.steps < 0 else v.steps} batches)")
-        per = {k: validation_loss(model, vl, device, v.steps, autocast(), group=dp_group)
+        per = {k: validation_loss(model, vl, device, v.steps, autocast(), group=dp_group, head=val_head)
                for k, vl in val_loaders.items()}
         for k, (val, n) in per.items():
             if k:
@@ -285,6 +292,9 @@ def main(argv: list[str]) -> None:
     except UserError as e:
         logger.error(str(e))  # every rank hits the same mistake: the logger prints it once, on rank 0
         code = 2
+        from titan_aquila.parallel.dist_utils import let_rank0_report
+
+        let_rank0_report()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt as e:  # one line naming the last complete checkpoint; exit 130 (SIGINT) / 143 (SIGTERM)

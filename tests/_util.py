@@ -110,13 +110,22 @@ def run_script(args: list[str], timeout: int = 300, env: dict | None = None) -> 
     return TrainRun(p.returncode, out, err)
 
 
+def torchrun(nproc: int) -> list[str]:
+    """The arguments after `python` that start `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU)."""
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def run_train(config: Path | None, *extra: str, nproc: int = 1, timeout: int = 300, env: dict | None = None,
               script: str = "train.py") -> TrainRun:
-    """Run `script` (train.py) on `config` with `extra` CLI options: plain python for nproc 1, else
-    `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU)."""
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    """Run `script` (train.py) on `config` with `extra` CLI options: plain python for nproc 1, else torchrun."""
     cfg = [] if config is None else ["--job.config_file", str(config)]
-    return run_script([*launcher, str(ROOT / script), *cfg, *extra], timeout=timeout, env=env)
+    return run_script([*(torchrun(nproc) if nproc > 1 else []), str(ROOT / script), *cfg, *extra], timeout=timeout,
+                      env=env)
+
+
+def run_workers(test_file: str, *args: str, nproc: int = 2, timeout: int = 240) -> TrainRun:
+    """Run a multi-rank test module's own `__main__` worker under torchrun (`test_file` is its `__file__`)."""
+    return run_script([*torchrun(nproc), str(Path(test_file).resolve()), *args], timeout=timeout)
 
 
 def tensorboard_runs(tb_dir: Path) -> list[Path]:

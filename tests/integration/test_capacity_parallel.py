@@ -19,11 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 
 BASE = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=128, max_seq_len=64, n_experts=4,
             top_k=2, moe_ffn_dim=24, capacity_factor=1.0)
@@ -100,14 +98,13 @@ def _worker(out_path: str) -> int:
 
 
 def test_expert_parallel_and_fsdp_with_capacity_equal_single_process_on_the_same_tokens(tmp_path):
+    from _util import run_workers  # here, not at the top: the torchrun workers import this file from elsewhere
+
     out = tmp_path / "result"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(Path(__file__).resolve()), str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=240, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "expert parallel over 2 ranks in 2 MoE layers" in p.stdout
-    assert "activation checkpointing (full)" in p.stdout and "torch.compile (aot_eager)" in p.stdout
+    p = run_workers(__file__, str(out))
+    assert p.rc == 0, p.err[-3000:]
+    assert "expert parallel over 2 ranks in 2 MoE layers" in p.out
+    assert "activation checkpointing (full)" in p.out and "torch.compile (aot_eager)" in p.out
     per_rank = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(2)]
     for rank, res in enumerate(per_rank):
         for case, r in res.items():

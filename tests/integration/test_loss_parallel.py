@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _worker(out_path: str) -> int:
@@ -83,12 +81,11 @@ def _worker(out_path: str) -> int:
 
 
 def test_vocab_parallel_loss_and_gradients_equal_the_plain_path(tmp_path):
+    from _util import run_workers  # here, not at the top: the torchrun workers import this file from elsewhere
+
     out = tmp_path / "result"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(Path(__file__).resolve()), str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=240, env=env)
-    assert p.returncode == 0, p.stderr[-4000:]
+    p = run_workers(__file__, str(out))
+    assert p.rc == 0, p.err[-4000:]
     for rank in range(2):
         res = json.loads(Path(f"{out}.rank{rank}").read_text())
         assert len(res) == 12, sorted(res)  # 3 layouts x 2 chunk sizes x with/without z

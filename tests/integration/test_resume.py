@@ -109,7 +109,6 @@ def _register_test_upcycle(built: list):
 
 
 def worker(scenario: str, out: Path) -> dict:
-    import torch
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1

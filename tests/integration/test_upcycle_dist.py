@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-import pytest
 import torch  # noqa: E402
 
 E, K, LAYERS = 8, 2, 2
@@ -86,16 +83,12 @@ def _worker(out_path: str) -> int:
     return 0
 
 
-def _torchrun(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def test_sharded_upcycled_model_equals_dense(tmp_path):
     out = tmp_path / "result.json"
-    p = _torchrun(str(Path(__file__).resolve()), str(out))
-    assert p.returncode == 0, p.stderr[-3000:]
+    from _util import run_workers  # here, not at the top: the torchrun workers import this file from elsewhere
+
+    p = run_workers(__file__, str(out))
+    assert p.rc == 0, p.err[-3000:]
     results = [json.loads(out.read_text()), json.loads(Path(str(out) + ".rank1").read_text())]
     for rank, res in enumerate(results):
         mine = list(range(rank * E // 2, (rank + 1) * E // 2))

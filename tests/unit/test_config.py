@@ -274,7 +274,7 @@ def test_help_lists_every_field(capsys):
     assert '  --compile.components (list[str], default ["model"]): What to compile: \'model\' (each transformer block) and/or \'loss\'.' in lines
     assert any(line.startswith("  --model.overrides (dict, TOML table only, default {}): ") for line in lines)
     n_options = sum(len(dataclasses.fields(s.default_factory)) for s in dataclasses.fields(JobConfig))
-    assert sum(line.startswith("  --") for line in lines) == n_options == 90
+    assert sum(line.startswith("  --") for line in lines) == n_options == 91
     print_help("p")
     assert capsys.readouterr().out == help_text("p")
 

@@ -152,6 +152,7 @@ def test_holdout_split_is_disjoint_and_complete(tok, small_corpus):
     va = list(build_validation_dataloader(small_corpus, tok, T, 1000, 0, 1, holdout=f))
     (tx, ty), (vx, vy) = tr[0], va[0]
     assert torch.equal(tx.flatten(), stream[: len(tx) * T]) and len(tx) == (cut - 1) // T
+    assert torch.equal(ty.flatten(), stream[1: len(tx) * T + 1])  # labels: the next token of each input
     assert torch.equal(vx.flatten(), stream[cut: cut + len(vx) * T]) and len(vx) == (N - cut - 1) // T
     assert torch.equal(vy[-1, -1:], stream[cut + len(vx) * T: cut + len(vx) * T + 1])
     with pytest.raises(UserError, match=r"holdout must be a fraction in \(0, 1\)"):

@@ -127,3 +127,21 @@ def test_no_grad_gives_the_loss_and_a_second_backward_is_refused():
     ce.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # kept gradients scaled in place
         ce.backward()
+
+
+def test_validation_through_the_fused_head_equals_the_logits_path():
+    """train.py's validation takes the fused head when training does: same token count, same loss (fp32 rounding),
+    ignored labels left out of both the sum and the count."""
+    from titan_aquila.evaluate import validation_loss
+
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=101, max_seq_len=16)
+    model = build_model(args, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    batches = [(torch.randint(0, 101, (2, 16), generator=gen), torch.randint(0, 101, (2, 16), generator=gen))
+               for _ in range(3)]
+    batches[1][1][0, :5] = -100
+    ref, n_ref = validation_loss(model, batches, torch.device("cpu"))
+    fused, n = validation_loss(model, batches, torch.device("cpu"), head=lambda y: FusedOutputLoss(y, 7, False))
+    assert n == n_ref == 96 - 5 and ref > 4.0  # ~ln 101 = 4.6 for a fresh model
+    assert fused == pytest.approx(ref, rel=1e-6)
+    assert validation_loss(model, batches, torch.device("cpu"), max_steps=1)[0] != pytest.approx(ref, rel=1e-4)

@@ -74,7 +74,7 @@ def test_load_balance_loss_hand_computed():
 def test_uniform_routing_gives_load_balance_one():
     E, k, T = 4, 2, 8
     probs = torch.full((T, E), 1 / E)
-    idx = torch.tensor([[t % E, (t + 1) % E] for t in range(T)])  # every expert gets T*k/E slots
+    idx = torch.tensor([[(t + j) % E for j in range(k)] for t in range(T)])  # every expert gets T*k/E slots
     assert load_balance_loss(probs, idx).item() == pytest.approx(1.0, abs=1e-7)
 
 

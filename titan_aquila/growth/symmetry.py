@@ -41,6 +41,11 @@ def generator(seed: int, purpose: str, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{purpose}:{name}".encode()))
 
 
+def draw_device(w: torch.Tensor) -> torch.device:
+    """Where a random draw for w is made: meta for a meta w, else the CPU (the per-name CPU generators)."""
+    return w.device if w.is_meta else torch.device("cpu")
+
+
 def _along(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[dim] = -1
@@ -56,10 +61,13 @@ def split_(w: torch.Tensor, g: UnitMap, dim: int, spread: float, gen: torch.Gene
     if bool((g.mult[g.idx >= 0] <= 1).all()) and bool((g.idx >= 0).all()):
         return w  # no unit is duplicated: every share is exactly 1
     wt = w.movedim(dim, -1)  # a view: the in-place multiply below writes into w
-    u = torch.rand(wt.shape, generator=gen, dtype=torch.float32).mul_(2 * spread).add_(1 - spread)
-    u.mul_(g.live.to(u.dtype))
+    # A meta w (a shape-only pass of growth/stream.py, for a layer it is not computing) draws on meta: no values and
+    # no time, where a real draw per layer per pass made streaming quadratic in depth. The per-name generator makes
+    # the real draw the same whatever came before.
+    u = torch.rand(wt.shape, generator=gen, dtype=torch.float32, device=draw_device(w))
+    u.mul_(2 * spread).add_(1 - spread).mul_(g.live.to(u.dtype))
     n_src = int(g.src.max()) + 1
-    sums = torch.zeros(*wt.shape[:-1], n_src, dtype=u.dtype).index_add_(-1, g.src, u)
+    sums = torch.zeros(*wt.shape[:-1], n_src, dtype=u.dtype, device=u.device).index_add_(-1, g.src, u)
     u.div_(sums.index_select(-1, g.src).clamp_(min=torch.finfo(u.dtype).tiny))
     wt.mul_(u.to(w.dtype))
     return w
@@ -74,7 +82,7 @@ def init_padding_columns_(w: torch.Tensor, source: torch.Tensor, g: UnitMap, gen
         return w
     # std as a 0-d tensor, not a Python float: streamed growth (growth/stream.py) first runs this on shapes only
     std = source.float().std()
-    cols = torch.randn(w.shape[0], int(pad.sum()), generator=gen, dtype=torch.float32) * std
+    cols = torch.randn(w.shape[0], int(pad.sum()), generator=gen, dtype=torch.float32, device=draw_device(w)) * std
     w[:, pad] = cols.to(w.dtype)
     return w
 

@@ -62,7 +62,8 @@ import torch
 from titan_aquila.errors import UserError
 from titan_aquila.growth import GrowthMethod, GrowthOptions, register
 from titan_aquila.growth.maps import UnitMap, cyclic_map, head_map, new_heads, padded_map
-from titan_aquila.growth.symmetry import fill_padding_gamma_, generator, init_padding_columns_, split_
+from titan_aquila.growth.symmetry import (draw_device, fill_padding_gamma_, generator, init_padding_columns_,
+                                         split_)
 from titan_aquila.models.args import ModelArgs
 
 FIELDS = ("dim", "n_heads", "ffn_dim", "n_kv_heads", "head_dim", "norm_eps", "moe_ffn_dim")
@@ -226,7 +227,8 @@ def add_noise(sd: dict, names, opts: GrowthOptions) -> None:
         if w.dim() != 2:
             continue
         gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + zlib.crc32(n.encode()))
-        sd[n] = w + (torch.randn(w.shape, generator=gen, dtype=torch.float32) * opts.noise_std).to(w.dtype)
+        noise = torch.randn(w.shape, generator=gen, dtype=torch.float32, device=draw_device(w))
+        sd[n] = w + (noise * opts.noise_std).to(w.dtype)
 
 
 def apply_width(mode: str, a: ModelArgs, sd: dict, b: ModelArgs, opts: GrowthOptions) -> dict:

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 from datetime import timedelta
 
 
@@ -48,6 +49,18 @@ def init_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
     return device
+
+
+def let_rank0_report() -> None:
+    """After a user mistake found before the process group exists (config validation): every rank hits it alike but
+    only rank 0 prints it, so the other ranks wait, bounded, instead of exiting at once; an early exit of theirs lets
+    torchrun kill rank 0 before its message is out (seen on a loaded box). torchrun stops them when rank 0 exits."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dist = sys.modules.get("torch.distributed")
+    if world <= 1 or rank == 0 or (dist is not None and dist.is_available() and dist.is_initialized()):
+        return  # one process, rank 0 itself, or finish() waits at a barrier
+    with contextlib.suppress(KeyboardInterrupt):  # torchrun's SIGTERM (interrupts.Interrupted): exit as planned
+        time.sleep(30)
 
 
 def finish(code: int = 0) -> None:

@@ -83,8 +83,10 @@ def apply_compile(model: nn.Module, compile_cfg, per_submodule: bool = False, bf
                 inner.feed_forward = torch.compile(inner.feed_forward, backend=backend, fullgraph=True)
         else:
             model.layers[name] = torch.compile(block, backend=backend, fullgraph=moe is None)
+    eager = f"; experts of {eager_experts} MoE layers stay eager (grouped_mm; inductor lowers it for bf16 " \
+        "parameters only)" if eager_experts else ""
     logger.info(f"[parallelize] torch.compile ({backend}) per {'attention/feed-forward' if per_submodule else 'block'}"
-                f"{f'; experts of {eager_experts} MoE layers stay eager (fp32 grouped_mm)' if eager_experts else ''}")
+                f"{eager}")
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
