@@ -9,7 +9,6 @@ round medians, so a slow period that hits one round hits both variants of that r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -158,13 +157,14 @@ def rss_bytes(part: str = "") -> int:
 def release_free_memory() -> None:
     """Collect garbage and hand glibc's free heap pages back to the kernel (malloc_trim), so that the resident set
     is the memory still in use and memory freed by one configuration is not silently reused by the next."""
-    import ctypes
-    import ctypes.util
     import gc
 
+    from titan_aquila.host_memory import glibc_function
+
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to trim
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    malloc_trim = glibc_function("malloc_trim")
+    if malloc_trim is not None:  # not glibc: nothing to trim
+        malloc_trim(0)
 
 
 def reset_peak_rss() -> None:

@@ -27,14 +27,20 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 128 << 10, 1 << 20
 
 
+def glibc_function(name: str):
+    """The C library's `name` (mallopt, malloc_trim) through ctypes, or None where it has none (not glibc)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def return_freed_memory_to_os() -> str:
     """Fix glibc's malloc thresholds as above; returns the start-up line. Not glibc (no mallopt): a UserError."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = glibc_function("mallopt")
+    if mallopt is None:
         raise UserError("training.return_freed_host_memory = true needs glibc's mallopt (Linux with glibc); this C "
-                        "library has none: set it to false") from None
+                        "library has none: set it to false")
     if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
         raise UserError("training.return_freed_host_memory: glibc's mallopt refused the thresholds")
     return (f"[memory] host blocks >= {MMAP_THRESHOLD_BYTES >> 10} KiB are mmapped and returned to the OS when freed; "
